@@ -1,0 +1,58 @@
+import pytest
+
+from vlp.config import ConfigError, ModelConfig, PretrainConfig, from_dict, load_config, to_dict
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["train.steps=10", "train.batch_size=8", "data.train=a/{00000..00003}.tar",
+                             "model.vision.width=64", "train.lr=3e-4", "data.resampled=true"])
+    assert cfg.train.steps == 10 and cfg.train.batch_size == 8
+    assert cfg.data.train == "a/{00000..00003}.tar"  # brace pattern kept as a string
+    assert cfg.model.vision.width == 64
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.data.resampled is True
+    assert PretrainConfig().train.steps != 10  # defaults untouched
+
+
+def test_unknown_key_names_key_and_valid_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.stepz=3"])
+    assert "train.stepz" in str(e.value) and "train.steps" in str(e.value)
+
+
+def test_wrong_type_and_bad_choice():
+    with pytest.raises(ConfigError, match="train.steps='ten'.*int"):
+        load_config(None, ["train.steps=ten"])
+    with pytest.raises(ConfigError, match=r"\['fp32', 'bf16'\]"):
+        load_config(None, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.steps"])
+
+
+def test_cross_field_validation():
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_config(None, ["model.vision.image_size=65"])
+    with pytest.raises(ConfigError, match="heads"):
+        load_config(None, ["model.text.width=100", "model.text.heads=3"])
+
+
+def test_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 5\nmodel:\n  embed_dim: 32\n")
+    cfg = load_config(f, ["train.steps=6"])
+    assert cfg.train.steps == 6 and cfg.model.embed_dim == 32
+    f.write_text("train:\n  nope: 5\n")
+    with pytest.raises(ConfigError, match=str(f)):
+        load_config(f)
+
+
+def test_roundtrip_model_config():
+    cfg = ModelConfig()
+    cfg.text.vocab_size = 123
+    assert to_dict(from_dict(ModelConfig, to_dict(cfg))) == to_dict(cfg)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    for path in sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml")):
+        load_config(path)

@@ -1,0 +1,254 @@
+"""Typed configuration: dataclasses hold every default once; YAML files and `key=value`
+command-line overrides only change them.
+
+Loading is strict (nanoGPT's habit): an unknown key, a value of the wrong type or a value outside
+a `Literal` set fails before any work starts, naming the key and what would be valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names it and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+@dataclass
+class VisionConfig:
+    """Image tower: PatchEmbed + the unified Transformer."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 192
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: Literal["gelu", "quick_gelu", "relu"] = "gelu"
+    norm_eps: float = 1e-5
+    pos_embed: Literal["learned", "sincos"] = "learned"
+    pool: Literal["cls", "mean"] = "cls"
+
+
+@dataclass
+class TextConfig:
+    """Text tower: TextEmbed + the unified Transformer."""
+
+    context_length: int = 32
+    width: int = 192
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: Literal["gelu", "quick_gelu", "relu"] = "gelu"
+    norm_eps: float = 1e-5
+    # CLIP's text tower: causal attention, pooled at the end-of-text token ([SEP] here).
+    mask: Literal["causal", "bidirectional"] = "causal"
+    pool: Literal["eos", "cls", "mean"] = "eos"
+    vocab_size: int = 0  # 0: taken from the tokenizer when the model is built
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 128
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
+    max_logit_scale: float = math.log(100.0)  # CLIP clamps exp(scale) at 100
+
+
+# --------------------------------------------------------------------------------------------
+# Data, tokenizer, training, evaluation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    # Shard specs (brace patterns, directories, `::`-joined lists, pipe: URLs). Empty: the
+    # shapes world, generated once into `synth_dir`.
+    train: str = ""
+    val: str = ""
+    synth_dir: str = ""  # empty: ~/.cache/vlp/shapes-<seed>-<images>
+    synth_images: int = 20000
+    synth_seed: int = 0
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    resampled: bool = False
+    caption: Literal["random", "first"] = "random"
+
+
+@dataclass
+class TokenizerConfig:
+    path: str = ""  # tokenizer.json or HF tokenizer folder; empty: train one on the captions
+    vocab_size: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 700
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16"] = "bf16"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200  # steps between checkpoints; 0 disables periodic checkpoints
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    at_end: bool = True  # evaluate retrieval on data.val after training
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Strict loading
+# --------------------------------------------------------------------------------------------
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(choices)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a path such as `123` parsed by YAML as a number
+    else:  # pragma: no cover - only the types above are used in the dataclasses
+        return value
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {tp.__name__}")
+
+
+def apply_dict(cfg: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict of overrides to a dataclass instance in place, strictly."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {updates!r}")
+    hints = _type_hints(type(cfg))
+    names = [f.name for f in dataclasses.fields(cfg)]
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            valid = ", ".join(f"{prefix}{n}" for n in names)
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {valid}")
+        current = getattr(cfg, name)
+        if dataclasses.is_dataclass(current):
+            apply_dict(current, value, prefix=f"{key}.")
+        else:
+            setattr(cfg, name, _coerce(value, hints[name], key))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["train.steps=10", "data.train=a/{0..3}.tar"]` -> nested dict; values parsed as YAML."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like key=value (e.g. train.steps=100)")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        # Brace patterns like {00000..00009} parse as YAML mappings; keep them as strings.
+        if isinstance(value, (dict, list)):
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = PretrainConfig) -> Any:
+    """Defaults <- YAML file <- `key=value` overrides, each checked strictly."""
+    cfg = cls()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            apply_dict(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if overrides:
+        apply_dict(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if not isinstance(cfg, PretrainConfig):
+        return
+    v, t = cfg.model.vision, cfg.model.text
+    if v.image_size % v.patch_size:
+        raise ConfigError(f"model.vision.image_size={v.image_size} must be a multiple of "
+                          f"model.vision.patch_size={v.patch_size}")
+    for name, tower in (("vision", v), ("text", t)):
+        if tower.width % tower.heads:
+            raise ConfigError(f"model.{name}.width={tower.width} must be divisible by "
+                              f"model.{name}.heads={tower.heads}")
+    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+                "model.text.context_length": t.context_length, "model.embed_dim": cfg.model.embed_dim}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if cfg.train.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} must be >= 0")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a dataclass (e.g. ModelConfig from a model directory's config.json), strictly."""
+    cfg = cls()
+    apply_dict(cfg, data)
+    return cfg

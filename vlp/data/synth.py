@@ -1,0 +1,640 @@
+"""The shapes world: a deterministic synthetic vision-language corpus.
+
+Small images of coloured shapes (1-3 per scene, never overlapping), five captions each from a
+small grammar, and object boxes with labels. `generate` writes them as webdataset shards in
+the img2dataset layout (the same files `vlp/data` reads for LAION/CC3M) plus, from separate
+scenes, benchmark files in their official formats: VQA v2, COCO captions with a Karpathy-style
+split, VCR-style jsonl, and a retrieval test file over the held-out val shards.
+
+Same seed, same bytes: every scene draws from its own generator seeded by (seed, split, index),
+so the first N scenes do not depend on how many are generated, and every file is written with
+fixed metadata (tar mtime/uid 0, sorted JSON keys, fixed JPEG settings) and no timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+VERSION = 1
+
+# Saturated colours, far apart in RGB, all bright enough to stand out from the dark background.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 80, 230),
+    "yellow": (240, 220, 30),
+    "purple": (140, 50, 200),
+    "orange": (245, 140, 0),
+    "pink": (245, 120, 190),
+    "white": (240, 240, 240),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
+SIZES: tuple[str, ...] = ("small", "large")
+# Row-major 3x3 grid over the image, named from the object's centre.
+POSITIONS: tuple[str, ...] = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)
+
+SIZE_RANGE = {"small": (0.18, 0.24), "large": (0.32, 0.42)}  # box side / image side
+JPEG_QUALITY = 95
+SPLIT_CODES = {"train": 0, "val": 1, "benchmark": 2}
+# Benchmark scenes by index range; as in Karpathy's split, restval, val and test come from
+# COCO's "val2014" (captions_val.json, the VQA and VCR val files) and train from "train2014".
+BENCHMARK_SPLITS = (("train", 0.55), ("restval", 0.05), ("val", 0.20), ("test", 0.20))
+
+_PLACE = {
+    "top left": "in the top left", "top": "at the top", "top right": "in the top right",
+    "left": "on the left", "center": "in the center", "right": "on the right",
+    "bottom left": "in the bottom left", "bottom": "at the bottom",
+    "bottom right": "in the bottom right",
+}
+_NUMBER = ("zero", "one", "two", "three")
+_PLURAL = {s: s + "es" if s.endswith("ss") else s + "s" for s in SHAPES}
+_BACKGROUND = (40, 40, 44)
+_MARGIN = 2  # pixels kept free between objects, so boxes never touch
+
+# Plausible wrong or synonymous answers a VQA annotator might give; some of them normalise to
+# the right answer under the official scorer ("a star" -> "star", "two" -> "2"), some do not.
+_COLOR_ALTS = {
+    "red": ["orange", "dark red"], "green": ["dark green", "blue"], "blue": ["purple", "dark blue"],
+    "yellow": ["orange", "gold"], "purple": ["blue", "violet"], "orange": ["red", "yellow"],
+    "pink": ["purple", "red"], "white": ["gray", "silver"],
+}
+_SHAPE_ALTS = {
+    "circle": ["ball", "a circle"], "square": ["rectangle", "box"],
+    "triangle": ["pyramid", "a triangle"], "diamond": ["rhombus", "square"],
+    "star": ["a star", "starfish"], "cross": ["plus", "plus sign"],
+}
+_COLOR_WHY = {
+    "red": "the color of a ripe tomato", "green": "the color of fresh grass",
+    "blue": "the color of a clear sky", "yellow": "the color of a lemon",
+    "purple": "the color of a grape", "orange": "the color of an orange",
+    "pink": "the color of a flamingo", "white": "the color of snow",
+}
+_SHAPE_WHY = {
+    "circle": "is round and has no corners", "square": "has four equal sides and four corners",
+    "triangle": "has three sides and three corners", "diamond": "is a square standing on a corner",
+    "star": "has five sharp points", "cross": "is made of two bars crossing in the middle",
+}
+# VCR relation answers and rationales, in the same order as _relation's results.
+_RELATIONS = ("to the left of", "to the right of", "above", "below")
+_RELATION_WHY = ("further left than", "further right than", "higher than", "lower than")
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One drawn shape; `box` is (x1, y1, x2, y2) in pixels, x2/y2 exclusive."""
+
+    color: str
+    shape: str
+    size: str
+    box: tuple[int, int, int, int]
+    position: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.color} {self.shape}"
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x1, y1, x2, y2 = self.box
+        return (x1 + x2) / 2, (y1 + y2) / 2
+
+    def to_json(self) -> dict:
+        return {"box": list(self.box), "label": self.label, "color": self.color,
+                "shape": self.shape, "size": self.size, "position": self.position}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A rendered scene: its objects, five captions and the JPEG bytes."""
+
+    objects: tuple[ShapeObject, ...]
+    captions: tuple[str, ...]
+    jpeg: bytes
+    image_size: int
+
+
+def scene_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
+    """The generator for one scene; `stream` separates draws made after the scene (questions)."""
+    return np.random.default_rng([seed, SPLIT_CODES[split], index, stream])
+
+
+def make_scene(seed: int, split: str, index: int, image_size: int = 64) -> Scene:
+    """Sample, caption and render scene `index` of `split`; depends on nothing else."""
+    rng = scene_rng(seed, split, index)
+    objects = sample_objects(rng, image_size)
+    captions = make_captions(objects, rng, image_size)
+    image = render(objects, rng, image_size)
+    buf = io.BytesIO()
+    # 4:4:4 chroma keeps small shapes' colours true; the default 4:2:0 bleeds them at 64 px.
+    image.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return Scene(tuple(objects), tuple(captions), buf.getvalue(), image_size)
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+def _position(box: tuple[int, int, int, int], image_size: int) -> str:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    col = min(int(3 * cx / image_size), 2)
+    row = min(int(3 * cy / image_size), 2)
+    return POSITIONS[3 * row + col]
+
+
+def _overlaps(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return (a[0] < b[2] + _MARGIN and b[0] < a[2] + _MARGIN
+            and a[1] < b[3] + _MARGIN and b[1] < a[3] + _MARGIN)
+
+
+def sample_objects(rng: np.random.Generator, image_size: int) -> list[ShapeObject]:
+    """1-3 non-overlapping objects with distinct (colour, shape) pairs, by rejection sampling."""
+    n = int(rng.integers(1, 4))
+    colors = list(COLORS)
+    while True:
+        # Three large shapes do not always fit; after many misses try one object fewer.
+        for _ in range(20):
+            pairs = rng.choice(len(colors) * len(SHAPES), size=n, replace=False)
+            objects: list[ShapeObject] = []
+            for pair in pairs:
+                size = SIZES[int(rng.integers(len(SIZES)))]
+                lo, hi = SIZE_RANGE[size]
+                side = int(round(rng.uniform(lo, hi) * image_size))
+                for _ in range(30):
+                    x1, y1 = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))
+                    box = (x1, y1, x1 + side, y1 + side)
+                    if not any(_overlaps(box, o.box) for o in objects):
+                        break
+                else:
+                    break
+                color, shape = colors[pair // len(SHAPES)], SHAPES[pair % len(SHAPES)]
+                objects.append(ShapeObject(color, shape, size, box, _position(box, image_size)))
+            if len(objects) == n:
+                return objects
+        n -= 1
+
+
+def shape_polygon(shape: str, box: tuple[int, int, int, int]) -> list[tuple[float, float]]:
+    """Outline of `shape` filling `box` (a 24-gon for the circle), in pixel coordinates."""
+    x1, y1 = box[0], box[1]
+    w, h = box[2] - 1 - x1, box[3] - 1 - y1  # PIL fills polygons including their last pixel
+    if shape == "circle":
+        t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+        unit = np.stack([0.5 + 0.5 * np.cos(t), 0.5 + 0.5 * np.sin(t)], 1)
+    elif shape == "square":
+        unit = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], float)
+    elif shape == "triangle":
+        unit = np.array([[0.5, 0], [1, 1], [0, 1]], float)
+    elif shape == "diamond":
+        unit = np.array([[0.5, 0], [1, 0.5], [0.5, 1], [0, 0.5]], float)
+    elif shape == "star":
+        # A fat star (inner radius 1/2) so its middle is solid colour, stretched to fill the box.
+        t = -np.pi / 2 + np.arange(10) * np.pi / 5
+        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.5)
+        unit = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+        unit = (unit - unit.min(0)) / (unit.max(0) - unit.min(0))
+    elif shape == "cross":
+        a, b = 1 / 3, 2 / 3
+        unit = np.array([[a, 0], [b, 0], [b, a], [1, a], [1, b], [b, b],
+                         [b, 1], [a, 1], [a, b], [0, b], [0, a], [a, a]], float)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
+    return [(round(x1 + u * w, 2), round(y1 + v * h, 2)) for u, v in unit]
+
+
+def render(objects: list[ShapeObject], rng: np.random.Generator, image_size: int) -> Image.Image:
+    """Draw `objects` over a dark, slightly tinted, mildly noisy background."""
+    base = np.array(_BACKGROUND) + rng.integers(-10, 11, size=3)
+    noise = rng.integers(-6, 7, size=(image_size, image_size, 1))
+    background = np.clip(base + noise, 0, 255).astype(np.uint8)
+    image = Image.fromarray(background, "RGB")
+    draw = ImageDraw.Draw(image)
+    for o in objects:
+        if o.shape == "circle":
+            draw.ellipse([o.box[0], o.box[1], o.box[2] - 1, o.box[3] - 1], fill=COLORS[o.color])
+        else:
+            draw.polygon(shape_polygon(o.shape, o.box), fill=COLORS[o.color])
+    return image
+
+
+# --------------------------------------------------------------------------- captions
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _relation(a: ShapeObject, b: ShapeObject, image_size: int) -> int | None:
+    """Index into _RELATIONS of where `a` is relative to `b`, or None when it is not clear-cut."""
+    (ax, ay), (bx, by) = a.center, b.center
+    dx, dy = bx - ax, by - ay
+    far = image_size / 8
+    if abs(dx) >= 1.5 * abs(dy) and abs(dx) >= far:
+        return 0 if dx > 0 else 1
+    if abs(dy) >= 1.5 * abs(dx) and abs(dy) >= far:
+        return 2 if dy > 0 else 3
+    return None
+
+
+def _counted(shapes: list[str]) -> str:
+    """'two circles and a star' from ['circle', 'star', 'circle']."""
+    counts = Counter(shapes)
+    return _join([f"a {s}" if c == 1 else f"{_NUMBER[c]} {_PLURAL[s]}" for s, c in counts.items()])
+
+
+def make_captions(objects: list[ShapeObject], rng: np.random.Generator,
+                  image_size: int) -> list[str]:
+    """Five distinct captions: a full description first, then one spatial caption, then three
+    drawn from every phrasing, so colours and shapes of all objects, positions and relations
+    are all stated somewhere."""
+    n = len(objects)
+    full = [f"a {o.size} {o.color} {o.shape}" for o in objects]
+    short = [f"a {o.color} {o.shape}" for o in objects]
+    count = f"{_NUMBER[n]} shape" + ("s" if n > 1 else "")
+    primary = f"{full[0]} {_PLACE[objects[0].position]}" if n == 1 else _join(full)
+
+    spatial = [f"{_PLACE[o.position]} there is {s}" for s, o in zip(short, objects)]
+    if n == 1:  # "there is <full> <place>" would only restate the primary caption
+        spatial.append(f"{short[0]} {_PLACE[objects[0].position]}")
+    else:
+        spatial += [f"there is {f} {_PLACE[o.position]}" for f, o in zip(full, objects)]
+        spatial.append(_join([f"{s} {_PLACE[o.position]}" for s, o in zip(short, objects)]))
+    for i, a in enumerate(objects):
+        for j, b in enumerate(objects):
+            rel = _relation(a, b, image_size) if i != j else None
+            if rel is not None:
+                spatial.append(f"{short[i]} {_RELATIONS[rel]} {short[j]}")
+                spatial.append(f"the {a.label} is {_RELATIONS[rel]} the {b.label}")
+
+    colors = [o.color for o in objects]
+    if len(set(colors)) == 1:
+        color_only = f"{_NUMBER[n]} {colors[0]} shape" + ("s" if n > 1 else "")
+    else:
+        color_only = f"{count} colored {_join(list(dict.fromkeys(colors)))}"
+    general = [
+        f"{count}: {_join(short)}",
+        f"a picture of {_join(short)}",
+        f"{_join(full)} on a dark background",
+        f"{_counted([o.shape for o in objects])} on a dark background",
+        color_only,
+    ]
+    if n == 1:
+        o = objects[0]
+        general += [f"a single {o.label}", f"the {o.shape} is {o.color}",
+                    f"a {o.size} {o.shape} colored {o.color}"]
+    else:
+        general.append(f"{count}: {_join(full)}")
+
+    spatial = [c for c in dict.fromkeys(spatial) if c != primary]
+    captions = [primary, spatial[int(rng.integers(len(spatial)))]]
+    rest = [c for c in dict.fromkeys(spatial + general) if c not in captions]
+    captions += [rest[int(i)] for i in rng.permutation(len(rest))[:5 - len(captions)]]
+    return captions
+
+
+# --------------------------------------------------------------------------- benchmark items
+
+
+def _vqa_candidates(objects: list[ShapeObject], rng: np.random.Generator,
+                    image_size: int) -> list[tuple[str, str, str, str]]:
+    """(question, answer, question_type, answer_type) for every unambiguous question."""
+    items = [("how many shapes are there?", str(len(objects)), "how many", "number")]
+    # Half the time a colour that is present, so count answers are not mostly "0".
+    pool = [o.color for o in objects] if rng.random() < 0.5 else list(COLORS)
+    color = pool[int(rng.integers(len(pool)))]
+    items.append((f"how many {color} shapes are there?",
+                  str(sum(o.color == color for o in objects)), "how many", "number"))
+    present = objects[int(rng.integers(len(objects)))]
+    items.append((f"is there a {present.label}?", "yes", "is there a", "yes/no"))
+    labels = {o.label for o in objects}
+    absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in labels]
+    absent_label = absent[int(rng.integers(len(absent)))]
+    items.append((f"is there a {absent_label}?", "no", "is there a", "yes/no"))
+
+    shape_count = Counter(o.shape for o in objects)
+    color_count = Counter(o.color for o in objects)
+    cell_count = Counter(o.position for o in objects)
+    for o in objects:
+        if shape_count[o.shape] == 1:
+            items.append((f"what color is the {o.shape}?", o.color, "what color is the", "other"))
+            size = SIZES[int(rng.integers(len(SIZES)))]
+            items.append((f"is the {o.shape} {size}?", "yes" if size == o.size else "no",
+                          "is the", "yes/no"))
+        if color_count[o.color] == 1:
+            items.append((f"what shape is the {o.color} object?", o.shape, "what", "other"))
+        if cell_count[o.position] == 1:
+            items.append((f"what shape is {_PLACE[o.position]}?", o.shape, "what", "other"))
+            items.append((f"what color is the shape {_PLACE[o.position]}?", o.color,
+                          "what color is the", "other"))
+    for a in objects:
+        for b in objects:
+            rel = _relation(a, b, image_size) if a is not b else None
+            if rel is not None and shape_count[a.shape] == shape_count[b.shape] == 1:
+                asked = int(rng.integers(len(_RELATIONS)))
+                items.append((f"is the {a.shape} {_RELATIONS[asked]} the {b.shape}?",
+                              "yes" if asked == rel else "no", "is the", "yes/no"))
+    return items
+
+
+def _vqa_answers(answer: str, answer_type: str, rng: np.random.Generator) -> list[dict]:
+    """Ten annotator answers: mostly `answer`, with up to four alternatives so that the official
+    accuracy min(#matches / 3, 1) sees partial agreement."""
+    if answer_type == "yes/no":
+        alts = ["no" if answer == "yes" else "yes"]
+    elif answer_type == "number":
+        k = int(answer)
+        alts = [_NUMBER[k]] + [str(v) for v in (k + 1, k - 1) if v >= 0]
+    elif answer in COLORS:
+        alts = _COLOR_ALTS[answer]
+    else:
+        alts = _SHAPE_ALTS[answer]
+    n_alt = int(rng.choice([0, 1, 2, 2, 3, 4]))  # at most 4 of 10, so `answer` stays the majority
+    given = [(answer, "yes")] * (10 - n_alt)
+    given += [(alts[int(rng.integers(len(alts)))], "maybe" if rng.random() < 0.5 else "no")
+              for _ in range(n_alt)]
+    order = rng.permutation(10)
+    return [{"answer": given[i][0], "answer_confidence": given[i][1], "answer_id": k + 1}
+            for k, i in enumerate(order)]
+
+
+def _vcr_candidates(objects: list[ShapeObject], image_size: int) -> list[tuple]:
+    """VCR items as token lists: (question, answer, wrong answers, rationale, wrong rationales)."""
+    items = []
+    for i, o in enumerate(objects):
+        others = [c for c in COLORS if c != o.color]
+        items.append((
+            ["what", "color", "is", [i], "?"],
+            [[i], "is", o.color, "."], [[[i], "is", c, "."] for c in others],
+            [[i], "has", *_COLOR_WHY[o.color].split()],
+            [[[i], "has", *_COLOR_WHY[c].split()] for c in others],
+        ))
+        others = [s for s in SHAPES if s != o.shape]
+        items.append((
+            ["what", "shape", "is", [i], "?"],
+            [[i], "is", "a", o.shape, "."], [[[i], "is", "a", s, "."] for s in others],
+            [[i], *_SHAPE_WHY[o.shape].split()],
+            [[[i], *_SHAPE_WHY[s].split()] for s in others],
+        ))
+    for i, a in enumerate(objects):
+        for j, b in enumerate(objects):
+            rel = _relation(a, b, image_size) if i != j else None
+            if rel is None:
+                continue
+            answers = [[[i], "is", *_RELATIONS[r].split(), [j], "."] for r in range(4)]
+            whys = [["the", "center", "of", [i], "is", *_RELATION_WHY[r].split(),
+                     "the", "center", "of", [j]] for r in range(4)]
+            items.append((["where", "is", [i], "compared", "to", [j], "?"],
+                          answers[rel], answers[:rel] + answers[rel + 1:],
+                          whys[rel], whys[:rel] + whys[rel + 1:]))
+    return items
+
+
+def _four_choices(correct: list, wrong: list[list], rng: np.random.Generator) -> tuple[list, int]:
+    picked = [wrong[int(i)] for i in rng.choice(len(wrong), size=3, replace=False)]
+    label = int(rng.integers(4))
+    return picked[:label] + [correct] + picked[label:], label
+
+
+def _untokenize(tokens: list, names: list[str]) -> str:
+    """VCR's *_orig strings: object references become their class names."""
+    return " ".join(" and ".join(names[i] for i in t) if isinstance(t, list) else t for t in tokens)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True).encode()
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write via a temporary name so an interrupted run never leaves a truncated file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _shard_pattern(split: str, n_shards: int) -> str | None:
+    if n_shards == 0:
+        return None
+    if n_shards == 1:
+        return f"{split}/00000.tar"
+    return f"{split}/{{00000..{n_shards - 1:05d}}}.tar"
+
+
+def _write_split(out: Path, split: str, n: int, seed: int, image_size: int, shard_size: int,
+                 bar: tqdm) -> list[dict]:
+    """Write `split` as img2dataset shards; return the retrieval records of its samples."""
+    records = []
+    digits = max(4, len(str(shard_size - 1)))  # img2dataset's 4-digit index, wider if needed
+    for shard in range((n + shard_size - 1) // shard_size):
+        buf = io.BytesIO()
+        count = 0
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(shard * shard_size, min(n, (shard + 1) * shard_size)):
+                scene = make_scene(seed, split, index, image_size)
+                key = f"{shard:05d}{count:0{digits}d}"
+                meta = {
+                    "key": key, "caption": scene.captions[0],
+                    "url": f"synth://shapes/{split}/{key}",
+                    "status": "success", "error_message": None,
+                    "width": image_size, "height": image_size,
+                    "original_width": image_size, "original_height": image_size,
+                    "exif": "{}", "sha256": hashlib.sha256(scene.jpeg).hexdigest(),
+                    "captions": list(scene.captions),
+                    "objects": [o.to_json() for o in scene.objects],
+                }
+                _tar_add(tar, f"{key}.jpg", scene.jpeg)
+                _tar_add(tar, f"{key}.json", _dumps(meta))
+                _tar_add(tar, f"{key}.txt", scene.captions[0].encode())
+                records.append({"key": key, "shard": f"{split}/{shard:05d}.tar",
+                                "captions": scene.captions})
+                count += 1
+                bar.update()
+        _write(out / split / f"{shard:05d}.tar", buf.getvalue())
+        stats = {"count": count, "successes": count, "failed_to_download": 0,
+                 "failed_to_resize": 0, "duration": 0.0, "start_time": 0.0, "end_time": 0.0,
+                 "status_dict": {"success": count}}
+        _write(out / split / f"{shard:05d}_stats.json", _dumps(stats))
+    return records
+
+
+def _coco_captions(images: list[dict], captions: list[tuple[str, ...]]) -> dict:
+    annotations = [{"id": img["id"] * 10 + k, "image_id": img["id"], "caption": c}
+                   for img, caps in zip(images, captions) for k, c in enumerate(caps)]
+    return {"info": _INFO, "licenses": [_LICENSE], "images": images, "annotations": annotations}
+
+
+_INFO = {"description": "vlp shapes world (synthetic)", "version": str(VERSION),
+         "contributor": "vlp.data.synth", "url": "", "year": 0, "date_created": ""}
+_LICENSE = {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
+
+
+def _write_benchmarks(out: Path, n: int, seed: int, image_size: int, bar: tqdm) -> dict:
+    """Render `n` benchmark scenes and write VQA, COCO captions, Karpathy, VCR files; return
+    the number of images per Karpathy split."""
+    bench = out / "benchmarks"
+    bounds, acc = [], 0.0
+    for name, frac in BENCHMARK_SPLITS:
+        acc += frac
+        bounds.append((name, round(acc * n)))
+
+    coco = {"train2014": ([], []), "val2014": ([], [])}  # (images, captions)
+    vqa = {"train2014": ([], []), "val2014": ([], [])}  # (questions, annotations)
+    vcr = {"train2014": [], "val2014": []}
+    karpathy, sentid, split_counts = [], 0, Counter()
+    for index in range(n):
+        scene = make_scene(seed, "benchmark", index, image_size)
+        image_id = index + 1  # COCO ids start at 1
+        split = next(name for name, end in bounds if index < end)
+        subset = "train2014" if split == "train" else "val2014"
+        split_counts[split] += 1
+        file_name = f"{image_id:012d}.jpg"
+        _write(bench / "images" / file_name, scene.jpeg)
+
+        image = {"id": image_id, "file_name": file_name, "width": image_size,
+                 "height": image_size, "license": 1}
+        coco[subset][0].append(image)
+        coco[subset][1].append(scene.captions)
+        sentences = []
+        for caption in scene.captions:
+            sentences.append({"tokens": re.findall(r"[a-z0-9]+", caption), "raw": caption,
+                              "imgid": index, "sentid": sentid})
+            sentid += 1
+        karpathy.append({"filepath": "images", "filename": file_name, "imgid": index,
+                         "cocoid": image_id, "split": split,
+                         "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
+
+        objects = list(scene.objects)
+        rng = scene_rng(seed, "benchmark", index, stream=1)
+        candidates = _vqa_candidates(objects, rng, image_size)
+        for j, c in enumerate(rng.permutation(len(candidates))[:5]):
+            question, answer, question_type, answer_type = candidates[int(c)]
+            question_id = image_id * 1000 + j
+            vqa[subset][0].append({"image_id": image_id, "question": question,
+                                   "question_id": question_id})
+            vqa[subset][1].append({
+                "question_id": question_id, "image_id": image_id, "question_type": question_type,
+                "answer_type": answer_type, "multiple_choice_answer": answer,
+                "answers": _vqa_answers(answer, answer_type, rng)})
+
+        rng = scene_rng(seed, "benchmark", index, stream=2)
+        names = [o.shape for o in objects]
+        img_fn = f"shapes/{image_id:012d}.jpg"
+        metadata = {"boxes": [[*o.box, 1.0] for o in objects],
+                    "segms": [[[list(p) for p in shape_polygon(o.shape, o.box)]] for o in objects],
+                    "names": names, "width": image_size, "height": image_size}
+        _write(bench / "vcr" / "images" / img_fn, scene.jpeg)
+        _write(bench / "vcr" / "images" / img_fn.replace(".jpg", ".json"), _dumps(metadata))
+        candidates = _vcr_candidates(objects, image_size)
+        vcr_split = "train" if subset == "train2014" else "val"
+        for q, c in enumerate(rng.permutation(len(candidates))[:3]):
+            question, answer, wrong, why, wrong_why = candidates[int(c)]
+            answers, answer_label = _four_choices(answer, wrong, rng)
+            rationales, rationale_label = _four_choices(why, wrong_why, rng)
+            annot = len(vcr[subset])
+            vcr[subset].append({
+                "movie": "shapes", "objects": names, "img_fn": img_fn,
+                "metadata_fn": img_fn.replace(".jpg", ".json"),
+                "img_id": f"{vcr_split}-{index}", "annot_id": f"{vcr_split}-{annot}",
+                "question_number": q, "question": question,
+                "answer_choices": answers, "answer_label": answer_label,
+                "rationale_choices": rationales, "rationale_label": rationale_label,
+                "question_orig": _untokenize(question, names),
+                "answer_orig": _untokenize(answer, names),
+                "rationale_orig": _untokenize(why, names),
+                "answer_likelihood": "likely", "match_fold": f"{vcr_split}-{annot % 2}",
+            })
+        bar.update()
+
+    for subset, short in (("train2014", "train"), ("val2014", "val")):
+        _write(bench / "coco" / f"captions_{short}.json", _dumps(_coco_captions(*coco[subset])))
+        header = {"info": _INFO, "license": _LICENSE, "data_type": "mscoco", "data_subtype": subset}
+        _write(bench / "vqa" / f"v2_OpenEnded_mscoco_{short}_questions.json",
+               _dumps({**header, "task_type": "Open-Ended", "questions": vqa[subset][0]}))
+        _write(bench / "vqa" / f"v2_mscoco_{short}_annotations.json",
+               _dumps({**header, "annotations": vqa[subset][1]}))
+        lines = [json.dumps(item, sort_keys=True) + "\n" for item in vcr[subset]]
+        _write(bench / "vcr" / f"{short}.jsonl", "".join(lines).encode())
+    _write(bench / "coco" / "dataset_coco.json", _dumps({"dataset": "coco", "images": karpathy}))
+    return {name: split_counts[name] for name, _ in BENCHMARK_SPLITS}
+
+
+def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int = 1000,
+             seed: int = 0, image_size: int = 64, shard_size: int = 1000,
+             benchmark_images: int = 600, progress: bool = True) -> dict:
+    """Write the shapes world under `out_dir` and return its manifest.
+
+    MANIFEST.json is written last, so its presence marks a complete corpus.
+    """
+    for name, value in (("images", images), ("val_images", val_images),
+                        ("benchmark_images", benchmark_images), ("seed", seed)):
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0")
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size} must be >= 1")
+    if image_size < 32:
+        raise ValueError(f"image_size={image_size} is too small to draw shapes; use >= 32")
+
+    out = Path(out_dir)
+    total = images + val_images + benchmark_images
+    with tqdm(total=total, desc="shapes world", unit="img", disable=not progress) as bar:
+        _write_split(out, "train", images, seed, image_size, shard_size, bar)
+        val = _write_split(out, "val", val_images, seed, image_size, shard_size, bar)
+        bench_splits = _write_benchmarks(out, benchmark_images, seed, image_size, bar)
+
+    # The retrieval test set is the held-out val shards; images are named by their shard key.
+    images_ = [{"id": i, "file_name": r["key"], "shard": r["shard"], "width": image_size,
+                "height": image_size, "license": 1} for i, r in enumerate(val)]
+    retrieval = _coco_captions(images_, [r["captions"] for r in val])
+    _write(out / "benchmarks" / "retrieval" / "test.json", _dumps(retrieval))
+
+    n_shards = {s: (n + shard_size - 1) // shard_size
+                for s, n in (("train", images), ("val", val_images))}
+    manifest = {
+        "name": "shapes-world", "version": VERSION, "seed": seed, "image_size": image_size,
+        "counts": {"train": images, "val": val_images, "benchmark": benchmark_images},
+        "shard_size": shard_size,
+        "shards": {s: {"pattern": _shard_pattern(s, k), "count": k} for s, k in n_shards.items()},
+        "captions_per_image": 5,
+        "vocab": {"colors": {c: list(rgb) for c, rgb in COLORS.items()}, "shapes": list(SHAPES),
+                  "sizes": list(SIZES), "positions": list(POSITIONS)},
+        "benchmarks": {
+            "images": "benchmarks/images",
+            "splits": bench_splits,
+            "vqa": {s: {"questions": f"benchmarks/vqa/v2_OpenEnded_mscoco_{s}_questions.json",
+                        "annotations": f"benchmarks/vqa/v2_mscoco_{s}_annotations.json"}
+                    for s in ("train", "val")},
+            "coco": {"train": "benchmarks/coco/captions_train.json",
+                     "val": "benchmarks/coco/captions_val.json",
+                     "karpathy": "benchmarks/coco/dataset_coco.json"},
+            "vcr": {"train": "benchmarks/vcr/train.jsonl", "val": "benchmarks/vcr/val.jsonl",
+                    "images": "benchmarks/vcr/images"},
+            "retrieval": {"test": "benchmarks/retrieval/test.json"},
+        },
+    }
+    _write(out / "MANIFEST.json", json.dumps(manifest, sort_keys=True, indent=2).encode() + b"\n")
+    return manifest

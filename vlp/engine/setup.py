@@ -1,0 +1,56 @@
+"""What a run needs before its first step: where the data is, and a tokenizer."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from vlp.config import DataConfig, TokenizerConfig
+from vlp.tokenizer import Tokenizer, iter_captions, load_tokenizer, train_tokenizer
+
+SHAPES_FORMAT = "v1"  # bump when the generator's output changes, so caches regenerate
+
+
+def cache_root() -> Path:
+    """$VLP_CACHE, else $XDG_CACHE_HOME/vlp, else ~/.cache/vlp."""
+    if os.environ.get("VLP_CACHE"):
+        return Path(os.environ["VLP_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vlp"
+
+
+def ensure_shapes_world(folder: Path, *, images: int, seed: int, progress: bool = True) -> Path:
+    """Generate the shapes world into `folder` once. It is written to a temporary sibling and
+    renamed when complete, so a run killed mid-generation never leaves a half corpus behind."""
+    if (folder / "MANIFEST.json").is_file():
+        return folder
+    from vlp.data.synth import generate
+
+    tmp = folder.with_name(folder.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    print(f"generating the shapes world ({images} train images, seed {seed}) into {folder}")
+    generate(tmp, images=images, seed=seed, progress=progress)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def resolve_data(cfg: DataConfig, progress: bool = True) -> tuple[str, str]:
+    """(train spec, val spec). With data.train empty, the shapes world (generated if missing)."""
+    if cfg.train:
+        return cfg.train, cfg.val
+    folder = Path(cfg.synth_dir) if cfg.synth_dir else \
+        cache_root() / f"shapes-{SHAPES_FORMAT}-seed{cfg.synth_seed}-n{cfg.synth_images}"
+    ensure_shapes_world(folder, images=cfg.synth_images, seed=cfg.synth_seed, progress=progress)
+    return str(folder / "train"), cfg.val or str(folder / "val")
+
+
+def build_tokenizer(cfg: TokenizerConfig, train_urls: list[str], save_to: Path) -> Tokenizer:
+    """Load tokenizer.path, or train a WordPiece tokenizer on the training captions."""
+    if cfg.path:
+        tok = load_tokenizer(cfg.path)
+    else:
+        tok = train_tokenizer(iter_captions(train_urls), vocab_size=cfg.vocab_size)
+    tok.save(save_to)
+    return tok

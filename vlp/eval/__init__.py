@@ -1,0 +1,1 @@
+"""Evaluation: metrics per benchmark and zero-shot."""

@@ -1,0 +1,149 @@
+"""The one Transformer of vlp: pre-LN blocks on `scaled_dot_product_attention`.
+
+Every tower (image, text) and the joint single-stream model use this module; what differs
+between them is only the embedding in front and the attention mask passed in. Masks are boolean
+with True = "may attend" (SDPA's convention), shaped to broadcast to (B, heads, L, L).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+MaskKind = Literal["bidirectional", "causal", "prefix"]
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x) (their checkpoints need it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def make_activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"unknown activation {name!r}; choose one of gelu, quick_gelu, relu")
+
+
+def build_attention_mask(kind: MaskKind, seq_len: int, *, padding_mask: torch.Tensor | None = None,
+                         prefix_len: torch.Tensor | int | None = None,
+                         device: torch.device | None = None) -> torch.Tensor | None:
+    """Boolean attention mask, True where query i may attend key j.
+
+    kind: "bidirectional" (every token sees every token), "causal" (j <= i), or "prefix"
+    (prefix-LM: the first `prefix_len` tokens see each other bidirectionally, later tokens see the
+    prefix plus earlier tokens). `padding_mask` (B, L) with 1 = real token hides padded keys.
+    Returns None for a plain bidirectional mask without padding (SDPA's fastest path), else a
+    tensor of shape (B or 1, 1, L, L).
+    """
+    if padding_mask is not None:
+        device = padding_mask.device
+    i = torch.arange(seq_len, device=device)
+    if kind == "bidirectional":
+        mask = None
+    elif kind == "causal":
+        mask = (i[None, :] <= i[:, None])[None, None]  # (1, 1, L, L)
+    elif kind == "prefix":
+        if prefix_len is None:
+            raise ValueError("a prefix mask needs prefix_len (an int or a (B,) tensor)")
+        p = torch.as_tensor(prefix_len, device=device).reshape(-1, 1, 1, 1)  # (B or 1, 1, 1, 1)
+        causal = i[None, :] <= i[:, None]  # (L, L)
+        key_in_prefix = i[None, :] < p  # (B, 1, 1, L)
+        mask = causal[None, None] | key_in_prefix
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}; choose bidirectional, causal or prefix")
+    if padding_mask is not None:
+        keys = padding_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
+        mask = keys if mask is None else (mask & keys)
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width={width} must be divisible by heads={heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)  # fused: one matmul instead of three
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, L, C = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, L, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, mlp_ratio: float, act: str):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = make_activation(act)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, norm_eps: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width, eps=norm_eps)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = MLP(width, mlp_ratio, act)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-LN blocks with a final LayerNorm."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
+                 act: str = "gelu", norm_eps: float = 1e-5):
+        super().__init__()
+        self.width = width
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, norm_eps)
+                                    for _ in range(layers))
+        self.ln_f = nn.LayerNorm(width, eps=norm_eps)
+        self.grad_checkpointing = False
+        self._init_weights(layers)
+
+    def _init_weights(self, layers: int) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * layers) so depth keeps the
+        # residual stream's variance in check.
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.fc2):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * layers))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """x: (B, L, width) -> (B, L, width)."""
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, is_causal)
+        return self.ln_f(x)

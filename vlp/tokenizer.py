@@ -1,0 +1,165 @@
+"""Text tokenizer: a BERT-style WordPiece tokenizer (HF `tokenizers`, never a network call).
+
+Captions -> (input_ids, attention_mask) of exactly `context_length` tokens, `[CLS] ... [SEP]`
+then `[PAD]`. Trained on the training captions (`train_tokenizer(iter_captions(urls))`), saved
+as `tokenizer.json` in the model directory, loaded back with `load_tokenizer`. Any
+`tokenizer.json` written by the `tokenizers` library (or `transformers`' fast tokenizers)
+loads too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import tokenizers
+import torch
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from vlp.data.pipeline import iter_captions  # re-exported: `vlp tokenizer train` reads shards
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first: id 0
+
+# Names looked up, in order, for each special role in a loaded tokenizer.json.
+_SPECIAL_NAMES = {
+    "pad": ("[PAD]", "<pad>", "<|pad|>"),
+    "cls": ("[CLS]", "<s>", "<|startoftext|>", "<bos>"),
+    "sep": ("[SEP]", "</s>", "<|endoftext|>", "<eos>"),
+    "mask": ("[MASK]", "<mask>"),
+}
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the calls vlp needs.
+
+    Special ids are found by name (`[PAD]`, `<pad>`, ...; see _SPECIAL_NAMES); `cls_id`,
+    `sep_id` and `mask_id` are None when the vocabulary has no such token. A tokenizer without a
+    pad token pads with id 0 (as OpenAI CLIP and OpenCLIP do): padded positions are marked by
+    `attention_mask == 0`, so the id there never matters; `has_pad_token` tells which case.
+    """
+
+    def __init__(self, hf: tokenizers.Tokenizer):
+        self.hf = hf
+        ids = {role: self._find(names) for role, names in _SPECIAL_NAMES.items()}
+        self.has_pad_token = ids["pad"] is not None
+        self.pad_id: int = ids["pad"] if ids["pad"] is not None else 0
+        self.cls_id: int | None = ids["cls"]
+        self.sep_id: int | None = ids["sep"]
+        self.mask_id: int | None = ids["mask"]
+        self._length: int | None = None  # context_length the padding/truncation is set for
+
+    def _find(self, names: Sequence[str]) -> int | None:
+        for name in names:
+            i = self.hf.token_to_id(name)
+            if i is not None:
+                return i
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def _configure(self, context_length: int) -> None:
+        if context_length == self._length:
+            return
+        n_special = self.hf.num_special_tokens_to_add(is_pair=False)
+        if context_length <= n_special:
+            raise ValueError(f"context_length={context_length} leaves no room for text: this "
+                             f"tokenizer adds {n_special} special tokens per caption")
+        # HF truncation runs before the post-processor and reserves room for its specials,
+        # so a truncated caption still ends in [SEP].
+        self.hf.enable_truncation(max_length=context_length)
+        self.hf.enable_padding(length=context_length, pad_id=self.pad_id,
+                               pad_token=self.hf.id_to_token(self.pad_id) or "[PAD]")
+        self._length = context_length
+
+    def __call__(self, texts: Sequence[str], context_length: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both LongTensor (B, context_length)."""
+        if isinstance(texts, str):
+            raise TypeError("Tokenizer takes a list of captions, not one string")
+        self._configure(context_length)
+        if len(texts) == 0:
+            empty = torch.zeros(0, context_length, dtype=torch.long)
+            return empty, empty.clone()
+        encodings = self.hf.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
+        return ids, mask
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of one id sequence (special tokens, padding included, dropped by default)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save(self, path: str | Path) -> Path:
+        """Write tokenizer.json to `path` (a file, or a folder that exists); returns the file."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Save without the call-time padding/truncation so the same vocabulary gives the same
+        # file whatever context length was used last.
+        clean = tokenizers.Tokenizer.from_str(self.hf.to_str())
+        clean.no_padding()
+        clean.no_truncation()
+        clean.save(str(path))
+        return path
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, pad_id={self.pad_id}, "
+                f"cls_id={self.cls_id}, sep_id={self.sep_id}, mask_id={self.mask_id})")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000,
+                    min_frequency: int = 1) -> Tokenizer:
+    """Train a BERT-style WordPiece tokenizer (lowercase, BERT pre-tokenizer, `##` pieces,
+    `[CLS] $A [SEP]`) on `texts`. Special ids: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4."""
+    hf = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(lowercase=True)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    n_texts = 0
+
+    def counted():
+        nonlocal n_texts
+        for text in texts:
+            n_texts += 1
+            yield text
+
+    hf.train_from_iterator(counted(), trainer=trainer)
+    if n_texts == 0:
+        raise ValueError("train_tokenizer got no texts (are the shards empty or all captions "
+                         "missing?)")
+    cls_id, sep_id = hf.token_to_id("[CLS]"), hf.token_to_id("[SEP]")
+    hf.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    hf.decoder = decoders.WordPiece(prefix="##")
+    return Tokenizer(hf)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a `tokenizer.json` file, or a folder holding one (a vlp model directory or a
+    Hugging Face tokenizer folder)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        if path.is_dir():
+            found = sorted(p.name for p in path.iterdir())[:10]
+            raise FileNotFoundError(
+                f"folder {str(path)!r} has no tokenizer.json (it holds {found}); expected a "
+                "tokenizer.json file or a folder containing one. Folders with only vocab.txt "
+                "(slow tokenizers) are not supported: save a fast tokenizer's tokenizer.json.")
+        raise FileNotFoundError(
+            f"no tokenizer at {str(path)!r}: expected a tokenizer.json file or a folder "
+            "containing tokenizer.json (a model directory or a Hugging Face tokenizer folder)")
+    try:
+        hf = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as exn:  # tokenizers raises a bare Exception on bad JSON
+        raise ValueError(f"{str(file)!r} is not a valid tokenizer.json: {exn}") from exn
+    return Tokenizer(hf)
+
+
+__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "iter_captions", "SPECIAL_TOKENS"]
