@@ -21,6 +21,8 @@ import braceexpand
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
+from vlp.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # "s3://...", "http://...", "gs://..." (opened by webdataset's gopen); "file:" is local.
@@ -44,7 +46,9 @@ def _local_path(url: str) -> str:
 
 def _expand_local(part: str) -> list[str]:
     out: list[str] = []
-    for path in braceexpand.braceexpand(part):
+    missing: list[str] = []
+    paths = list(braceexpand.braceexpand(part))
+    for path in paths:
         path = _local_path(path)
         if os.path.isdir(path):
             found = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
@@ -59,7 +63,10 @@ def _expand_local(part: str) -> list[str]:
         elif os.path.isfile(path):
             out.append(path)
         else:
-            raise FileNotFoundError(f"shard {path!r} does not exist (from {part!r})")
+            missing.append(path)
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards named by {part!r} do not "
+                                f"exist: {missing[0]!r}" + (", ..." if len(missing) > 1 else ""))
     return out
 
 
@@ -125,7 +132,7 @@ def check_shards_vs_workers(num_shards: int, world_size: int, num_workers: int) 
     """
     readers = world_size * max(1, num_workers)
     if num_shards < readers:
-        raise ValueError(
+        raise ConfigError(
             f"{num_shards} shards cannot feed {world_size} ranks x {max(1, num_workers)} loader "
             "workers: some workers would get no shard and the loader would hang or stall (a "
             f"common cause of hung loaders). Use at least {readers} shards (re-shard the data "
@@ -153,16 +160,21 @@ class _StrictTarInfo(tarfile.TarInfo):
                 f"truncated or corrupt tar at offset {tarfile_.offset}: {exn}") from None
 
 
-def iter_tar_samples(urls: Iterable[str],
-                     on_error: Callable[[str, Exception], None]) -> Iterator[dict]:
+def iter_tar_samples(urls: Iterable[str], on_error: Callable[[str, Exception], None],
+                     max_failures_in_a_row: int | None = None) -> Iterator[dict]:
     """Samples from tar shards: consecutive members sharing a key (webdataset's
     `base_plus_ext`: "a/000.regions.npz" -> key "a/000", ext "regions.npz", lowercased) become
     one dict `{"__key__", "__url__", ext: bytes, ...}`.
 
     A shard that cannot be opened or read (missing, truncated, corrupt, failing pipe command,
     duplicate member) calls `on_error(url, exception)` once and reading goes on with the next
-    shard. The sample being assembled when the error struck is dropped: it may be incomplete.
+    shard. The sample being assembled when the error struck is dropped, as it may be
+    incomplete (a tar cut exactly after a sample's last member loses that sample too).
+    `max_failures_in_a_row`: raise RuntimeError after that many consecutive shards failed
+    without a sample, so an endless (resampled) URL stream over unreadable data fails loudly
+    instead of spinning forever.
     """
+    failures = 0
     for url in urls:
         pending: dict | None = None
         try:
@@ -176,11 +188,11 @@ def iter_tar_samples(urls: Iterable[str],
                         if key is None:
                             continue
                         ext = ext.lower()
+                        if pending is not None and pending["__key__"] != key:
+                            yield pending  # complete: the next key's header has arrived
+                            pending, failures = None, 0
                         data = tar.extractfile(info).read()
                         tar.members = []  # stream mode keeps every TarInfo otherwise
-                        if pending is not None and pending["__key__"] != key:
-                            yield pending
-                            pending = None
                         if pending is None:
                             pending = {"__key__": key, "__url__": url}
                         if ext in pending:
@@ -195,7 +207,12 @@ def iter_tar_samples(urls: Iterable[str],
             stream.close()
         except Exception as exn:  # noqa: BLE001 - any shard failure is counted, not fatal
             on_error(url, exn)
+            failures += 1
+            if max_failures_in_a_row is not None and failures >= max_failures_in_a_row:
+                raise RuntimeError(f"{failures} shards in a row failed to read (the last: {url}: "
+                                   f"{type(exn).__name__}: {exn}); is the data reachable?") from exn
             continue
+        failures = 0
         if pending is not None:
             yield pending
 

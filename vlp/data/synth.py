@@ -234,6 +234,11 @@ def render(objects: list[ShapeObject], rng: np.random.Generator, image_size: int
 # --------------------------------------------------------------------------- captions
 
 
+def _articles(text: str) -> str:
+    """'a orange cross' -> 'an orange cross' (the templates write 'a' everywhere)."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
@@ -303,7 +308,7 @@ def make_captions(objects: list[ShapeObject], rng: np.random.Generator,
     captions = [primary, spatial[int(rng.integers(len(spatial)))]]
     rest = [c for c in dict.fromkeys(spatial + general) if c not in captions]
     captions += [rest[int(i)] for i in rng.permutation(len(rest))[:5 - len(captions)]]
-    return captions
+    return [_articles(c) for c in captions]
 
 
 # --------------------------------------------------------------------------- benchmark items
@@ -319,11 +324,11 @@ def _vqa_candidates(objects: list[ShapeObject], rng: np.random.Generator,
     items.append((f"how many {color} shapes are there?",
                   str(sum(o.color == color for o in objects)), "how many", "number"))
     present = objects[int(rng.integers(len(objects)))]
-    items.append((f"is there a {present.label}?", "yes", "is there a", "yes/no"))
+    items.append((_articles(f"is there a {present.label}?"), "yes", "is there a", "yes/no"))
     labels = {o.label for o in objects}
     absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in labels]
     absent_label = absent[int(rng.integers(len(absent)))]
-    items.append((f"is there a {absent_label}?", "no", "is there a", "yes/no"))
+    items.append((_articles(f"is there a {absent_label}?"), "no", "is there a", "yes/no"))
 
     shape_count = Counter(o.shape for o in objects)
     color_count = Counter(o.color for o in objects)
@@ -584,7 +589,7 @@ def _write_benchmarks(out: Path, n: int, seed: int, image_size: int, bar: tqdm) 
 
 
 def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int = 1000,
-             seed: int = 0, image_size: int = 64, shard_size: int = 1000,
+             seed: int = 0, image_size: int = 64, shard_size: int | None = None,
              benchmark_images: int = 600, progress: bool = True) -> dict:
     """Write the shapes world under `out_dir` and return its manifest.
 
@@ -594,6 +599,10 @@ def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int
                         ("benchmark_images", benchmark_images), ("seed", seed)):
         if value < 0:
             raise ValueError(f"{name}={value} must be >= 0")
+    if shard_size is None:
+        # img2dataset's 1,000 per shard, but at least 16 training shards for small corpora, so
+        # that ranks x loader workers always have a shard each.
+        shard_size = max(1, min(1000, -(-images // 16)))
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be >= 1")
     if image_size < 32:

@@ -33,7 +33,8 @@ def to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:
 
 
 def random_resized_crop_box(width: int, height: int, scale: Sequence[float],
-                            ratio: Sequence[float], rng: random.Random) -> tuple[int, int, int, int]:
+                            ratio: Sequence[float],
+                            rng: random.Random) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a crop covering a `scale` fraction of the area with aspect
     ratio in `ratio` — torchvision's RandomResizedCrop.get_params, drawn from `rng`."""
     area = width * height

@@ -186,7 +186,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 log.write({"step": step, "loss": loss.item(), "lr": engine.lr,
                            "samples_per_s": rate, "samples_seen": samples_seen,
-                           "epoch": stream.epoch, "logit_scale": float(scale),
+                           "epoch": stream.epoch, "logit_scale": float(scale.detach()),
                            "grad_norm": grad_norm, "skipped": dict(skipped),
                            "bad_steps": bad_steps_total})
             if cfg.train.save_every and step % cfg.train.save_every == 0 \

@@ -1,0 +1,154 @@
+"""End to end: the `vlp` command on a small shapes world — pretrain, checkpoints, resume, model
+directory, `vlp.load`, `vlp eval retrieval`, and bad samples counted through a whole run."""
+import io
+import json
+import shutil
+import tarfile
+
+import pytest
+import torch
+from PIL import Image
+
+import vlp
+from vlp.cli import main
+from vlp.data.synth import generate
+
+TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.layers=2",
+        "model.vision.heads=2", "model.text.width=32", "model.text.layers=2",
+        "model.text.heads=2", "tokenizer.vocab_size=200", "train.batch_size=16",
+        "data.shuffle_buffer=64", "eval.batch_size=64"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    generate(root, images=192, val_images=48, benchmark_images=10, shard_size=24, progress=False)
+    return root
+
+
+def _add_bad_shard(shapes, tmp_path):
+    """A copy of val shard 0 plus two corrupt images and one sample without any caption."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    src = shapes / "val" / "00000.tar"
+    shutil.copy(src, bad / "00000.tar")
+    with tarfile.open(bad / "00001.tar", "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for key in ("b0", "b1"):
+            add(f"{key}.jpg", b"not a jpeg at all")
+            add(f"{key}.txt", b"a red circle")
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(buf, "JPEG")
+        add("b2.jpg", buf.getvalue())
+        add("b2.json", json.dumps({"key": "b2"}).encode())
+    return bad
+
+
+def test_pretrain_load_eval(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--out", str(out), "--no-progress", f"data.train={shapes}/train",
+               f"data.val={shapes}/val", "train.steps=6", "train.save_every=3",
+               "train.log_every=2", *TINY])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10",
+                "zeroshot_shape_top1", "zeroshot_color_top1"):
+        assert 0.0 <= metrics[key] <= 100.0
+    assert metrics["num_images"] == 48 and metrics["num_texts"] == 240
+    assert metrics["train_steps"] == 6 and metrics["train_samples"] == 96
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [2, 4, 6]
+    assert "i2t_R@1" in capsys.readouterr().out  # the table is printed
+
+    model = vlp.load(out / "model")
+    images = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (80, 64), (0, 0, 255))]
+    img = model.encode_image(images)
+    txt = model.encode_text(["a red circle", "a blue square on the left", "x"])
+    assert img.shape == (2, 32) and txt.shape == (3, 32) and img.dtype == torch.float32
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3))
+    pixels = torch.stack([model.transform(im) for im in images])
+    torch.testing.assert_close(model.encode_image(pixels), img)
+
+    # the standalone evaluation of the saved model reproduces the run's numbers
+    eval_out = tmp_path / "eval.json"
+    assert main(["eval", "retrieval", "--model", str(out / "model"), "--data",
+                 f"{shapes}/val", "--out", str(eval_out), "--no-progress"]) == 0
+    evaluated = json.loads(eval_out.read_text())
+    for key in ("i2t_R@1", "t2i_R@5", "zeroshot_shape_top1"):
+        assert evaluated[key] == pytest.approx(metrics[key])
+
+
+def test_resume_continues(shapes, tmp_path):
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--no-progress", f"data.train={shapes}/train", "eval.at_end=false",
+              "train.save_every=2", "train.log_every=1", *TINY]
+    assert main(["pretrain", *common, "train.steps=4"]) == 0
+    first = torch.load(out / "checkpoints" / "step_00000004" / "state.pt", weights_only=True)
+    assert main(["pretrain", *common, "train.steps=6", "--resume", "latest"]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    last = torch.load(out / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    assert last["global_step"] == 6 and last["client"]["samples_seen"] == 96
+    assert first["client"]["samples_seen"] == 64
+    # the optimizer state carried over: Adam's step count continued from 4
+    assert next(iter(last["optimizer"]["state"].values()))["step"] == 6
+
+
+def test_bad_samples_are_skipped_and_counted(shapes, tmp_path):
+    bad = _add_bad_shard(shapes, tmp_path)
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--out", str(out), "--no-progress", f"data.train={bad}",
+               f"data.val={bad}", "train.steps=2", "data.num_workers=2", *TINY])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # evaluation reads every sample once: exact counts
+    assert metrics["skipped_corrupt_image"] == 2 and metrics["skipped_missing_caption"] == 1
+    assert metrics["num_images"] == 24
+    # training saw the bad shard at least once (2 steps x 16 > the 24 good samples of an epoch)
+    assert metrics["train_skipped_corrupt_image"] >= 2
+    assert metrics["train_skipped_missing_caption"] >= 1
+
+
+def test_bad_config_fails_before_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.stepz" in err and "train.steps" in err
+    assert main(["pretrain", "--out", str(out), "train.precision=fp8"]) == 2
+    assert "['fp32', 'bf16']" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_too_few_shards_for_workers(shapes, tmp_path, capsys):
+    # the val split has 2 shards: 3 loader workers cannot all get one
+    rc = main(["pretrain", "--out", str(tmp_path / "r"), "--no-progress",
+               f"data.train={shapes}/val", "data.num_workers=3", "train.steps=2", *TINY])
+    assert rc == 2
+    assert "data.num_workers" in capsys.readouterr().err
+
+
+def test_load_rejects_non_model_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        vlp.load(tmp_path)
+
+
+def test_data_synth_cli(tmp_path):
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--images", "32",
+                 "--val-images", "8", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "s" / "MANIFEST.json").read_text())
+    assert manifest["seed"] == 0
+    assert sorted(p.name for p in (tmp_path / "s" / "train").glob("*.tar"))[0] == "00000.tar"
+
+
+def test_tokenizer_train_cli(shapes, tmp_path):
+    out = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", "--data", f"{shapes}/train", "--out", str(out),
+                 "--vocab-size", "150"]) == 0
+    tok = vlp.api.load_tokenizer(out)
+    ids, mask = tok(["a red circle"], 8)
+    assert tok.decode(ids[0]) == "a red circle"
