@@ -114,6 +114,18 @@ def test_bad_samples_are_skipped_and_counted(shapes, tmp_path):
     assert metrics["train_skipped_missing_caption"] >= 1
 
 
+def test_diverging_run_stops_with_clear_message(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--out", str(out), "--no-progress", f"data.train={shapes}/train",
+               "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0",
+               "train.precision=fp32", "train.max_bad_steps=3", "train.steps=50", *TINY])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "NaN/inf for 3 consecutive steps" in err and "train.lr" in err
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert sum(r.get("event") == "non_finite_loss" for r in log) == 3
+
+
 def test_bad_config_fails_before_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", "--out", str(out), "train.stepz=3"]) == 2

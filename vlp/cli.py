@@ -18,7 +18,7 @@ from vlp.config import ConfigError
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from vlp.config import load_config
-    from vlp.engine.train import pretrain
+    from vlp.engine.train import NonFiniteLossError, pretrain
 
     cfg = load_config(args.config, args.overrides)  # fails here, before any work, on bad keys
     out = args.out or f"runs/pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -26,6 +26,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         pretrain(cfg, out, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
+    except NonFiniteLossError as e:
+        print(f"vlp pretrain: stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

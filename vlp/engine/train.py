@@ -163,7 +163,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
                 consecutive_bad += 1
                 bad_steps_total += 1
                 log.write({"step": engine.global_step, "event": "non_finite_loss",
-                           "loss": float(loss)})
+                           "loss": float(loss.detach())})
                 if consecutive_bad >= cfg.train.max_bad_steps:
                     raise NonFiniteLossError(
                         f"loss was NaN/inf for {consecutive_bad} consecutive steps (steps "
