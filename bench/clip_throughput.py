@@ -1,19 +1,22 @@
 """Training-step throughput: vlp's DualTower against `transformers.CLIPModel` of the same shape.
 
-A side-by-side benchmark (not a test). Both models get the same dimensions, batch, inputs,
-precision, loss (`vlp.objectives.clip_loss` on the L2-normalised features), optimizer (AdamW)
-and thread count. A step = forward + symmetric InfoNCE + backward + AdamW step + zero_grad.
+A side-by-side benchmark (not a test); `bench/README.md` records results. Both models get the
+same dimensions, batch, inputs, precision, loss (`vlp.objectives.clip_loss` on the L2-normalised
+features), optimizer (AdamW, torch defaults as in vlp's engine) and thread count; CLIPModel runs
+with attn_implementation="sdpa". A step = forward + symmetric InfoNCE + backward + AdamW step.
 
 This CPU's timings drift 10-25% between runs, so after warm-up the two models alternate, round
 by round (the one that goes first alternates too); each round times `--steps` steps of each and
 the report gives the median samples/s and the median of the per-round ratios (ours / CLIPModel).
+Each round also prints CPU seconds per wall second: ~`--threads` on a quiet machine, lower
+when other processes took the cores (such rounds are slow for reasons outside the models).
 
-Achieved GFLOP/s = analytic training FLOPs per step / median step time, the same count for both
-models (`train_flops`; torch's FlopCounterMode does not count CPU SDPA, so it is written out),
-compared with a 2048^3 matmul peak measured in the same run (fp32 and bf16, median of 5).
+Achieved GFLOP/s = training FLOPs per step (`train_flops`, analytic: torch's FlopCounterMode
+does not count CPU SDPA kernels) / median step time, the same count for both models, and its
+share of a 2048^3 matmul peak measured in the same run (fp32 and bf16, median of 10).
 
     python bench/clip_throughput.py                     # fp32 and bf16 autocast, batch 128
-    python bench/clip_throughput.py --pure-bf16 --out bench.json
+    python bench/clip_throughput.py --precisions fp32,bf16,pure-bf16 --compile --out bench.json
 """
 from __future__ import annotations
 
@@ -41,7 +44,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precisions", default="fp32,bf16",
                    help="comma list of fp32, bf16 (autocast, as vlp's engine runs it), "
                         "pure-bf16 (bf16 weights, no autocast)")
-    p.add_argument("--pure-bf16", action="store_true", help="add a pure-bf16 row")
     p.add_argument("--compile", action="store_true",
                    help="add a bf16 row with torch.compile applied to both models")
     p.add_argument("--full-length", action="store_true",
@@ -59,7 +61,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--act", default="quick_gelu", choices=["quick_gelu", "gelu"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the results as JSON here")
-    return p.parse_args()
+    a = p.parse_args()
+    bad = set(a.precisions.split(",")) - {"fp32", "bf16", "pure-bf16"}
+    if bad:
+        p.error(f"unknown --precisions {sorted(bad)}; choose from fp32, bf16, pure-bf16")
+    return a
 
 
 def build_ours(a: argparse.Namespace) -> torch.nn.Module:
@@ -111,21 +117,22 @@ def train_flops(a: argparse.Namespace) -> float:
 
     Forward per sample: 2 x (weights in matmuls) x tokens, i.e. per tower and layer
     2 * 12 d^2 * N (qkv 3d^2, out 1d^2, MLP 8d^2) plus attention 4 N^2 d (QK^T and AV, full
-    square, causal not halved), the patch conv 2 * 3p^2 d * patches, the projections 2 d D,
-    and the B x B logits (2 matmuls of 2 B D per sample). Training = 3 x forward (backward
-    computes the input and the weight gradients). Embedding lookups, norms, activations,
-    softmax and the optimizer are not counted (they are not matmuls).
+    square, causal not halved), the projections 2 d D, the B x B logits (2 matmuls, 2 B D
+    each per sample), and the patch conv 2 * 3p^2 d * patches. Training = 3 x forward
+    (backward computes input and weight gradients), except 2 x for the patch conv (no pixel
+    gradient). Embedding lookups, norms, activations, softmax and AdamW are not counted. This
+    equals torch's FlopCounterMode total on our bf16 step (where attention runs as bmm).
     """
     d, l, D, p = a.width, a.layers, a.embed_dim, a.patch_size
     n_img = (a.image_size // p) ** 2 + 1
     def tower(n):
         return l * (24 * d * d * n + 4 * n * n * d) + 2 * d * D
-    fwd = (tower(n_img) + tower(a.context) + 2 * 3 * p * p * d * (n_img - 1)
-           + 2 * 2 * a.batch_size * D)
-    return 3.0 * fwd * a.batch_size
+    fwd = tower(n_img) + tower(a.context) + 2 * 2 * a.batch_size * D
+    conv = 2 * 3 * p * p * d * (n_img - 1)
+    return (3.0 * fwd + 2.0 * conv) * a.batch_size
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """GFLOP/s of an n^3 matmul in `dtype`, median of `reps` after one warm-up."""
     x, y = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     x @ y
@@ -158,12 +165,14 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def timed(self, steps: int) -> float:
-        """Seconds per step over `steps` steps."""
-        t = time.perf_counter()
+    def timed(self, steps: int) -> tuple[float, float]:
+        """(seconds per step, CPU seconds per wall second) over `steps` steps. With T threads
+        the second is ~T on a quiet machine and drops when other processes take the cores."""
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
             self.step()
-        return (time.perf_counter() - t) / steps
+        wall = time.perf_counter() - t
+        return wall / steps, (time.process_time() - c) / wall
 
 
 def bench_row(a, precision: str, batch: dict, compile_: bool = False) -> dict:
@@ -174,18 +183,25 @@ def bench_row(a, precision: str, batch: dict, compile_: bool = False) -> dict:
     for r in (ours, peer):
         for _ in range(a.warmup):
             r.step()
-    t_ours, t_peer = [], []
+    times = {"ours": [], "peer": []}  # seconds per step, one entry per round
+    util = {"ours": [], "peer": []}  # CPU seconds per wall second in that round
     for i in range(a.rounds):
-        order = [(ours, t_ours), (peer, t_peer)]
-        for runner, times in (order if i % 2 == 0 else order[::-1]):
-            times.append(runner.timed(a.steps))
+        for who in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
+            t, u = (ours if who == "ours" else peer).timed(a.steps)
+            times[who].append(t)
+            util[who].append(u)
         print(f"  {precision}{'+compile' if compile_ else ''} round {i}: ours "
-              f"{t_ours[-1]:.3f} s/step, CLIPModel {t_peer[-1]:.3f} s/step", flush=True)
+              f"{times['ours'][-1]:.3f} s/step, CLIPModel {times['peer'][-1]:.3f} s/step "
+              f"(cpu util {util['ours'][-1]:.2f}, {util['peer'][-1]:.2f})", flush=True)
+    if min(util["ours"] + util["peer"]) < 0.9 * a.threads:
+        print(f"  warning: cpu util below {0.9 * a.threads:.1f} in some rounds: other processes "
+              "took cores; those rounds are slow (the medians absorb a minority of them)")
     B = a.batch_size
-    return {"ours_samples_s": B / statistics.median(t_ours),
-            "peer_samples_s": B / statistics.median(t_peer),
-            "ratio": statistics.median(tp / to for to, tp in zip(t_ours, t_peer)),
-            "ours_step_s": t_ours, "peer_step_s": t_peer}
+    return {"ours_samples_s": B / statistics.median(times["ours"]),
+            "peer_samples_s": B / statistics.median(times["peer"]),
+            "ratio": statistics.median(tp / to for to, tp in zip(times["ours"], times["peer"])),
+            "ours_step_s": times["ours"], "peer_step_s": times["peer"],
+            "ours_cpu_util": util["ours"], "peer_cpu_util": util["peer"]}
 
 
 def main() -> None:
@@ -202,7 +218,7 @@ def main() -> None:
     print(f"training FLOPs per step (analytic): {flops / 1e9:.1f} GFLOP")
 
     rows = [(p, False) for p in a.precisions.split(",")]
-    rows += [("pure-bf16", False)] * a.pure_bf16 + [("bf16", True)] * a.compile
+    rows += [("bf16", True)] * a.compile
     results = {}
     for precision, compile_ in rows:
         name = precision + ("+compile" if compile_ else "")
@@ -217,7 +233,9 @@ def main() -> None:
             res[f"{who}_pct_peak"] = 100 * res[f"{who}_gflops"] / pk
         results[name] = res
 
-    print(f"\n| precision | ours samples/s | CLIPModel samples/s | ratio | ours GFLOP/s (% peak) "
+    print("\nratio = ours / CLIPModel samples/s, median over rounds; % of the matmul peak of the "
+          "precision the matmuls run in (bf16 for bf16 rows)")
+    print(f"| precision | ours samples/s | CLIPModel samples/s | ratio | ours GFLOP/s (% peak) "
           f"| CLIPModel GFLOP/s (% peak) |\n|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['ours_samples_s']:.1f} | {r['peer_samples_s']:.1f} | "

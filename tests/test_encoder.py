@@ -138,3 +138,35 @@ def test_text_embed():
     torch.testing.assert_close(out[0, 1], te.token_embed.weight[2] + te.pos_embed[0, 1])
     with pytest.raises(ValueError, match="context_length"):
         te(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kind", ["bidirectional", "causal", "prefix"])
+def test_math_attention_equals_sdpa(kind):
+    """The written-out attention used for bf16 on CPU has SDPA's semantics (checked in fp32),
+    including a query row whose keys are all masked (zeros, not NaN)."""
+    from vlp.models.encoder import attention_math
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
+    pad = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    mask = build_attention_mask(kind, 6, padding_mask=pad, prefix_len=2)
+    torch.testing.assert_close(attention_math(q, k, v, mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention_math(q, k, v, is_causal=True),
+                               F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               atol=1e-5, rtol=1e-5)
+    empty = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    empty[0, 0, 2] = False  # query 2 of sample 0 may attend nothing
+    out = attention_math(q, k, v, empty)
+    assert torch.equal(out[0, :, 2], torch.zeros(3, 8)) and torch.isfinite(out).all()
+
+
+def test_bf16_forward_close_to_fp32():
+    torch.manual_seed(0)
+    model = Transformer(width=64, layers=2, heads=4).eval()
+    x = torch.randn(2, 9, 64)
+    ref = model(x, is_causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x, is_causal=True)
+    assert (got.float() - ref).abs().max() < 0.1
