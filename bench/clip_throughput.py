@@ -2,7 +2,7 @@
 
 A side-by-side benchmark (not a test); `bench/README.md` records results. Both models get the
 same dimensions, batch, inputs, precision, loss (`vlp.objectives.clip_loss` on the L2-normalised
-features), optimizer (AdamW, torch defaults as in vlp's engine) and thread count; CLIPModel runs
+features), optimizer (fused AdamW, as in vlp's engine) and thread count; CLIPModel runs
 with attn_implementation="sdpa". A step = forward + symmetric InfoNCE + backward + AdamW step.
 
 This CPU's timings drift 10-25% between runs, so after warm-up the two models alternate, round
@@ -153,7 +153,7 @@ class Runner:
             batch = {**batch, "pixel_values": batch["pixel_values"].to(torch.bfloat16)}
         self.model, self.batch, self.features = model.train(), batch, features
         self.fn = torch.compile(model) if compile_ else model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         self.autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
                          else contextlib.nullcontext())
 

@@ -29,7 +29,7 @@ class VisionConfig:
 
     image_size: int = 64
     patch_size: int = 8
-    width: int = 192
+    width: int = 128
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
@@ -44,7 +44,7 @@ class TextConfig:
     """Text tower: TextEmbed + the unified Transformer."""
 
     context_length: int = 32
-    width: int = 192
+    width: int = 128
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
@@ -91,7 +91,7 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 700
+    steps: int = 800
     batch_size: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-5

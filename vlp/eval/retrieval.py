@@ -38,12 +38,12 @@ def recall_at_k(similarity: torch.Tensor, text_to_image: torch.Tensor,
     first_hit = hit.float().argmax(dim=1)  # (N_img,) position of the first true caption
     has_any = hit.any(dim=1)
     for k in ks:
-        out[f"i2t_R@{k}"] = 100.0 * float(((first_hit < k) & has_any).float().mean())
+        out[f"i2t_R@{k}"] = 100.0 * float(((first_hit < k) & has_any).double().mean())
     # t2i: rank of the true image of each caption.
     order = similarity.T.argsort(dim=1, descending=True)  # (N_txt, N_img)
     rank = (order == text_to_image[:, None]).float().argmax(dim=1)  # (N_txt,)
     for k in ks:
-        out[f"t2i_R@{k}"] = 100.0 * float((rank < k).float().mean())
+        out[f"t2i_R@{k}"] = 100.0 * float((rank < k).double().mean())
     return out
 
 
@@ -70,7 +70,7 @@ def zero_shot_accuracy(model, image_features: torch.Tensor, labels: list[str | N
     class_emb = torch.stack(class_emb)  # (C, D)
     pred = (image_features[idx] @ class_emb.T).argmax(dim=1)
     target = torch.tensor([classes.index(labels[i]) for i in idx])
-    return 100.0 * float((pred == target).float().mean()), len(idx), len(classes)
+    return 100.0 * float((pred == target).double().mean()), len(idx), len(classes)
 
 
 @torch.no_grad()
