@@ -208,7 +208,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     pretrained.save(out_dir / "model")
     metrics: dict = {"train_steps": engine.global_step, "train_samples": samples_seen,
                      "train_time_s": round(train_time, 1), "train_bad_steps": bad_steps_total,
-                     "train_skipped_samples": int(sum(skipped.values()))}
+                     "train_skipped_samples": int(sum(n for r, n in skipped.items()
+                                                      if r != "shard_error"))}
     metrics.update({f"train_skipped_{k}": v for k, v in sorted(skipped.items())})
     print(f"trained {engine.global_step} steps, {samples_seen} samples in {train_time:.0f} s; "
           f"skipped samples: {format_skips(skipped)}")

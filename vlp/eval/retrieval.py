@@ -6,7 +6,6 @@ most similar images (the COCO/Flickr retrieval protocol of CLIP, ALBEF, BLIP...)
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Iterable
 
 import torch
@@ -107,8 +106,9 @@ def evaluate_retrieval(model, data: str | list[str], *, batch_size: int = 256,
         metrics[f"zeroshot_{attribute}_top1"] = acc
         metrics[f"zeroshot_{attribute}_images"] = n
         metrics[f"zeroshot_{attribute}_classes"] = c
-    metrics["skipped_samples"] = int(sum(skips.counts.values()))
-    for reason, n in sorted(Counter(skips.counts).items()):
+    # shard_error counts shards (whose remaining samples cannot be counted), not samples
+    metrics["skipped_samples"] = int(sum(n for r, n in skips.counts.items() if r != "shard_error"))
+    for reason, n in sorted(skips.counts.items()):
         metrics[f"skipped_{reason}"] = int(n)
     return metrics
 
