@@ -24,32 +24,32 @@ class ConfigError(ValueError):
 # Model
 # --------------------------------------------------------------------------------------------
 @dataclass
-class VisionConfig:
-    """Image tower: PatchEmbed + the unified Transformer."""
+class EncoderConfig:
+    """The unified Transformer's shape; every tower has one."""
 
-    image_size: int = 64
-    patch_size: int = 8
     width: int = 128
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
     act: Literal["gelu", "quick_gelu", "relu"] = "gelu"
     norm_eps: float = 1e-5
+
+
+@dataclass
+class VisionConfig(EncoderConfig):
+    """Image tower: PatchEmbed + the unified Transformer."""
+
+    image_size: int = 64
+    patch_size: int = 8
     pos_embed: Literal["learned", "sincos"] = "learned"
     pool: Literal["cls", "mean"] = "cls"
 
 
 @dataclass
-class TextConfig:
+class TextConfig(EncoderConfig):
     """Text tower: TextEmbed + the unified Transformer."""
 
     context_length: int = 32
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    act: Literal["gelu", "quick_gelu", "relu"] = "gelu"
-    norm_eps: float = 1e-5
     # CLIP's text tower: causal attention, pooled at the end-of-text token ([SEP] here).
     mask: Literal["causal", "bidirectional"] = "causal"
     pool: Literal["eos", "cls", "mean"] = "eos"

@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.config import ModelConfig, TextConfig, VisionConfig
+from vlp.config import EncoderConfig, ModelConfig, TextConfig, VisionConfig
 from vlp.models.embed import PatchEmbed, TextEmbed
 from vlp.models.encoder import Transformer, build_attention_mask
+
+
+def build_transformer(cfg: EncoderConfig) -> Transformer:
+    return Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act, cfg.norm_eps)
 
 
 class VisionTower(nn.Module):
@@ -20,8 +24,7 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         self.embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.width, class_token=True,
                                 pos_embed=cfg.pos_embed)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act,
-                                       cfg.norm_eps)
+        self.transformer = build_transformer(cfg)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.width ** -0.5)
 
@@ -42,8 +45,7 @@ class TextTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = TextEmbed(vocab_size, cfg.width, cfg.context_length)
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act,
-                                       cfg.norm_eps)
+        self.transformer = build_transformer(cfg)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.width ** -0.5)
 
