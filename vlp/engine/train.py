@@ -28,6 +28,7 @@ from vlp.engine.engine import TorchEngine
 from vlp.engine.setup import resolve_data, build_tokenizer
 from vlp.models import DualTower
 from vlp.objectives import clip_loss
+from vlp.tokenizer import load_tokenizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,7 +103,11 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     if not cfg.data.resampled:
         check_shards_vs_workers(len(urls), 1, cfg.data.num_workers)
     n_train = count_samples(urls)
-    tokenizer = build_tokenizer(cfg.tokenizer, urls, out_dir / "tokenizer.json")
+    saved_tokenizer = out_dir / "tokenizer.json"
+    if resume and not cfg.tokenizer.path and saved_tokenizer.is_file():
+        tokenizer = load_tokenizer(saved_tokenizer)  # the vocabulary the checkpoint was trained on
+    else:
+        tokenizer = build_tokenizer(cfg.tokenizer, urls, saved_tokenizer)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     model = DualTower(cfg.model, tokenizer.vocab_size)
@@ -130,7 +135,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
                            caption=cfg.data.caption, epoch=epoch)
 
     # A resumed run starts a fresh epoch (new shuffle); resuming mid-epoch at the exact data
-    # position is the distributed issue's work (see vlp/engine/README.md).
+    # position is the distributed issue's work (README.md, "Next steps").
     stream = _Stream(make_epoch, skipped, epoch=start_epoch)
     log = JsonlLog(out_dir / "train_log.jsonl")
     n_params = sum(p.numel() for p in model.parameters())
