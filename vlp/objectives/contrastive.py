@@ -27,3 +27,32 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     loss = (F.cross_entropy(logits_per_image.float(), labels)
             + F.cross_entropy(logits_per_text.float(), labels)) / 2
     return {"contrastive_loss": loss, "logits_per_image": logits_per_image}
+
+
+def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
+    """All-gather (B, D) features from every rank into (world * B, D), rank-major, keeping the
+    autograd graph: the backward sums every rank's gradient for these rows back onto the rank
+    that owns them (OpenCLIP's `gather_with_grad`). With one process it returns `features`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(features), dim=0)
+
+
+def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                          logit_scale: torch.Tensor) -> dict:
+    """`clip_loss` of this rank's rows against the features of all ranks (local-loss form).
+
+    The mean of the per-rank losses equals the single-process loss on the global batch, and
+    after the usual gradient averaging across ranks so do the gradients
+    (tests/test_distributed_loss.py checks both on 2 gloo ranks)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return clip_loss(image_features, text_features, logit_scale,
+                     all_image_features=gather_with_grad(image_features),
+                     all_text_features=gather_with_grad(text_features),
+                     offset=rank * image_features.shape[0])
