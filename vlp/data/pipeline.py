@@ -71,6 +71,12 @@ def accumulate(total: dict[str, int], skipped: dict[str, int]) -> dict[str, int]
     return total
 
 
+def skipped_samples(counts: dict[str, int]) -> int:
+    """Samples skipped in all; shard_error is left out (it counts shards, whose remaining
+    samples cannot be counted)."""
+    return sum(n for reason, n in counts.items() if reason != "shard_error")
+
+
 def format_skips(counts: dict[str, int]) -> str:
     """One line for end-of-run reports, e.g. '3 samples skipped (bad_json=1, corrupt_image=2);
     1 shard error' or 'none skipped'. Shard errors count shards, not samples."""
@@ -78,7 +84,7 @@ def format_skips(counts: dict[str, int]) -> str:
     samples = {k: v for k, v in sorted(counts.items()) if v and k != "shard_error"}
     if not samples and not shards:
         return "none skipped"
-    n = sum(samples.values())
+    n = skipped_samples(counts)
     text = f"{n} sample{'s' * (n != 1)} skipped"
     if samples:
         text += " (" + ", ".join(f"{k}={v}" for k, v in samples.items()) + ")"

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vlp.api import Pretrained
 from vlp.config import PretrainConfig, to_dict
-from vlp.data.pipeline import format_skips, make_loader
+from vlp.data.pipeline import accumulate, format_skips, make_loader, skipped_samples
 from vlp.data.shards import check_shards_vs_workers, count_samples, expand_urls
 from vlp.data.transforms import ImageTransform
 from vlp.engine import checkpoint
@@ -71,8 +71,7 @@ class _Stream:
                                        "train.batch_size (larger than the data?).") from None
                 self._it = iter(self._make(self.epoch))
                 continue
-            for reason, n in batch.skipped.items():
-                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            accumulate(self.skipped, batch.skipped)
             if len(batch):
                 return batch
 
@@ -213,8 +212,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     pretrained.save(out_dir / "model")
     metrics: dict = {"train_steps": engine.global_step, "train_samples": samples_seen,
                      "train_time_s": round(train_time, 1), "train_bad_steps": bad_steps_total,
-                     "train_skipped_samples": int(sum(n for r, n in skipped.items()
-                                                      if r != "shard_error"))}
+                     "train_skipped_samples": skipped_samples(skipped)}
     metrics.update({f"train_skipped_{k}": v for k, v in sorted(skipped.items())})
     print(f"trained {engine.global_step} steps, {samples_seen} samples in {train_time:.0f} s; "
           f"skipped samples: {format_skips(skipped)}")

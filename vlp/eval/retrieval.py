@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from vlp.data.pipeline import SkipCounter, iter_eval_samples
+from vlp.data.pipeline import SkipCounter, iter_eval_samples, skipped_samples
 from vlp.data.shards import expand_urls
 
 KS = (1, 5, 10)
@@ -106,8 +106,7 @@ def evaluate_retrieval(model, data: str | list[str], *, batch_size: int = 256,
         metrics[f"zeroshot_{attribute}_top1"] = acc
         metrics[f"zeroshot_{attribute}_images"] = n
         metrics[f"zeroshot_{attribute}_classes"] = c
-    # shard_error counts shards (whose remaining samples cannot be counted), not samples
-    metrics["skipped_samples"] = int(sum(n for r, n in skips.counts.items() if r != "shard_error"))
+    metrics["skipped_samples"] = skipped_samples(skips.counts)
     for reason, n in sorted(skips.counts.items()):
         metrics[f"skipped_{reason}"] = int(n)
     return metrics
