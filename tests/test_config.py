@@ -23,7 +23,7 @@ def test_unknown_key_names_key_and_valid_ones():
 def test_wrong_type_and_bad_choice():
     with pytest.raises(ConfigError, match="train.steps='ten'.*int"):
         load_config(None, ["train.steps=ten"])
-    with pytest.raises(ConfigError, match=r"\['fp32', 'bf16'\]"):
+    with pytest.raises(ConfigError, match=r"\['fp32', 'bf16', 'fp16'\]"):
         load_config(None, ["train.precision=fp8"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.steps"])

@@ -1,6 +1,8 @@
 """The `vlp` command. Parses argv and calls into the library; holds no logic of its own.
 
     vlp pretrain [--config FILE] [--out DIR] [--resume DIR|latest] [key=value ...]
+        (one process, or every process of `deepspeed --num_gpus N --module vlp pretrain ...`
+        or `torchrun --nproc_per_node N -m vlp pretrain ...`)
     vlp data synth --out DIR [--images N] [--val-images N] [--seed S] [--image-size PX]
     vlp tokenizer train --data SHARDS --out FILE [--vocab-size N]
     vlp eval retrieval --model DIR --data SHARDS [--out FILE] [--batch-size N]
@@ -69,6 +71,9 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
+    # `deepspeed --module vlp pretrain ...` runs `python -m vlp --local_rank=N pretrain ...`;
+    # the rank is read from the environment the launcher exports.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="pretrain a model (no arguments: the shapes world)")

@@ -91,8 +91,9 @@ class TokenizerConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 800
-    batch_size: int = 128
+    steps: int = 800  # optimizer steps
+    batch_size: int = 128  # per process (DeepSpeed's train_micro_batch_size_per_gpu)
+    grad_accum: int = 1  # micro-batches per optimizer step (each its own contrastive batch)
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 50
@@ -101,13 +102,19 @@ class TrainConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: Literal["fp32", "bf16"] = "bf16"
+    # bf16: autocast with fp32 master weights (DeepSpeed torch_autocast); fp16: DeepSpeed fp16
+    # with dynamic loss scaling (GPU only); fp32: none.
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    grad_checkpointing: bool = False  # recompute Transformer blocks in backward (less memory)
+    # DeepSpeed JSON (ZeRO stage, offload, communication...); empty: the built-in ZeRO-2 config,
+    # the same as configs/deepspeed/zero2.json. Keys vlp sets from train.* must be "auto".
+    deepspeed: str = ""
     seed: int = 0
     log_every: int = 10
     save_every: int = 200  # steps between checkpoints; 0 disables periodic checkpoints
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
-    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    threads: int = 0  # torch intra-op threads per process; 0: the cores / processes per node
 
 
 @dataclass
@@ -117,12 +124,18 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False  # also write OUT/tensorboard (needs `pip install tensorboard`)
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +246,7 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"model.{name}.width={tower.width} must be divisible by "
                               f"model.{name}.heads={tower.heads}")
     positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+                "train.grad_accum": cfg.train.grad_accum,
                 "model.text.context_length": t.context_length, "model.embed_dim": cfg.model.embed_dim}
     for key, value in positive.items():
         if value <= 0:

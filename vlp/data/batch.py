@@ -2,7 +2,8 @@
 
 One dataclass for every recipe. A batch may be empty (len 0): a worker sends one at the end of
 its stream to carry skip counts that no real batch carried, so the trainer must skip len-0
-batches but still add up their `skipped`.
+batches but still add up their `skipped` (and pass them to its StreamPosition: they carry a
+position too).
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class Batch:
     keys: list[str]
     # samples skipped (reason -> count) in the producing worker since its previous batch
     skipped: dict[str, int] = field(default_factory=dict)
+    # the producing loader worker (its logical id, stable across a resume) and its position
+    # right after this batch, for pipeline.StreamPosition; None when not from make_loader
+    worker: int = 0
+    position: dict | None = None
 
     def __len__(self) -> int:
         return len(self.keys)

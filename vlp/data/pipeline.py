@@ -1,23 +1,34 @@
-"""The webdataset input pipeline: shard URLs -> `Batch`es, with bad input skipped and counted.
+"""The webdataset input pipeline: shard URLs -> `Batch`es, with bad input skipped and counted,
+resumable mid-epoch from a saved `StreamPosition`.
 
 In each DataLoader worker:
 
     shard list (shuffled per epoch | wds.ResampledShards)
       -> this rank's shards[rank::world_size] -> this worker's [worker::num_workers]
       -> iter_tar_samples (unreadable shard: counted as shard_error)
-      -> shuffle buffer (raw bytes, cheap)
+      -> block shuffle (raw bytes, cheap): blocks of shuffle_buffer samples, each permuted
       -> parse json, pick caption, decode image (bad sample: counted by reason)
-      -> ImageTransform -> collate + tokenize -> Batch (carries the counts since the last Batch)
+      -> ImageTransform -> collate + tokenize -> Batch (carries the counts since the last Batch,
+         the worker id and the worker's position after the batch)
 
 Skip reasons: corrupt_image, missing_image, missing_caption, bad_json (per sample) and
 shard_error (per shard that failed to open or read to its end; samples after the failure point
 cannot be counted). A worker whose stream ends with counts not yet sent yields one empty Batch
 (len 0) carrying them, so summing `batch.skipped` over all batches gives exact totals.
+
+Resuming. A worker's position is where it stands in its own shard sequence: `{"block": b,
+"shard": j, "offset": o, "index": k}` (block b starts at raw sample o of the worker's j-th shard,
+and k of its entries are consumed) or `{"done": True}`. Because blocks are permuted by a seed
+of their own and each sample's caption/crop by a seed of the sample, a worker restarted at a
+position produces exactly what it would have produced next; a reservoir shuffle buffer could
+not be restarted without saving its contents. `StreamPosition` collects the positions from the
+batches a run has consumed; `make_loader(start=...)` continues from them.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import random
@@ -160,17 +171,73 @@ def _seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+class _RawReader:
+    """One worker's raw samples in order, numbered by (shard ordinal, offset in that shard).
+
+    `position` is the number of the next sample `take` returns, or None at the end. That sample
+    is already read (one sample of look-ahead), so a position never points past the end of a
+    shard or at a shard that failed: a restart there re-reads no shard just to skip it, and
+    the shard errors on the way were counted before the position was reported.
+    """
+
+    def __init__(self, urls: Iterable[str], shard: int, offset: int, skips: SkipCounter,
+                 count_errors: bool, max_failures_in_a_row: int | None):
+        self.count_errors = count_errors
+        self._skips = skips
+        self._opened = shard - 1  # ordinal of the shard iter_tar_samples is reading
+        self._current, self._offset = shard, 0
+        # iter_tar_samples yields the last sample of a shard before it pulls the next URL, so
+        # the count of URLs pulled numbers the shard of every sample it yields.
+        self._samples = iter_tar_samples(self._numbered(itertools.islice(urls, shard, None)),
+                                         self._on_error, max_failures_in_a_row)
+        self._next = self._read()
+        while self._next is not None and self._next[:2] < (shard, offset):
+            self._next = self._read()
+
+    def _numbered(self, urls: Iterable[str]) -> Iterator[str]:
+        for url in urls:
+            self._opened += 1
+            yield url
+
+    def _on_error(self, url: str, exn: Exception) -> None:
+        if self.count_errors:
+            self._skips.shard_error(url, exn)
+
+    def _read(self) -> tuple[int, int, dict] | None:
+        sample = next(self._samples, None)
+        if sample is None:
+            return None
+        if self._opened != self._current:
+            self._current, self._offset = self._opened, 0
+        self._offset += 1
+        return self._current, self._offset - 1, sample
+
+    @property
+    def position(self) -> tuple[int, int] | None:
+        return None if self._next is None else self._next[:2]
+
+    def take(self, n: int) -> list[tuple[int, dict]]:
+        """The next n raw samples (fewer at the end of the stream), each with its shard
+        ordinal."""
+        out = []
+        while len(out) < n and self._next is not None:
+            out.append((self._next[0], self._next[2]))
+            self._next = self._read()
+        return out
+
+
 class ShardDataset(IterableDataset):
     """Iterable of `Batch`es for one rank; each DataLoader worker reads its own shards.
 
     Built by `make_loader`; kept picklable (spawn start method) by holding only plain
-    settings, the tokenizer and the transform.
+    settings, the tokenizer and the transform. `start` (a checked `StreamPosition.state_dict()`)
+    applies only while `epoch` is the epoch it was saved in.
     """
 
     def __init__(self, urls: list[str], *, tokenizer: "Tokenizer", transform: ImageTransform,
                  batch_size: int, context_length: int, shuffle_buffer: int, seed: int,
                  rank: int, world_size: int, resampled: bool, caption: str, epoch: int,
-                 drop_last: bool):
+                 drop_last: bool, start: dict | None = None):
         super().__init__()
         self.urls = list(urls)
         self.tokenizer, self.transform = tokenizer, transform
@@ -179,16 +246,23 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.resampled, self.caption, self.drop_last = resampled, caption, drop_last
         self.epoch = epoch
+        self.start = start
 
     def set_epoch(self, epoch: int) -> None:
-        """Takes effect at the next iter(loader) (workers are re-created every epoch)."""
+        """Takes effect at the next iter(loader) (workers are re-created every epoch). A
+        `start` position is for its own epoch only: other epochs start from the beginning."""
         self.epoch = epoch
+
+    def active_start(self) -> dict | None:
+        """The start state if it applies to the current epoch, else None."""
+        return self.start if self.start is not None and self.start["epoch"] == self.epoch else None
 
     def worker_urls(self, worker: int, num_workers: int) -> Iterable[str]:
         """This rank's and worker's shard URLs for the current epoch."""
         if self.resampled:
             # Every reader draws from all shards with its own seed (OpenCLIP's resampled mode):
-            # an endless stream, so no split and no shard-count constraint.
+            # an endless stream, so no split and no shard-count constraint. The draws depend on
+            # the seed only, so a restart re-creates them and skips the ones already read.
             seed = _seed(self.seed, self.epoch, self.rank, worker)
             shards = wds.ResampledShards(self.urls, seed=seed, deterministic=True,
                                          worker_seed=lambda: 0)
@@ -199,38 +273,85 @@ class ShardDataset(IterableDataset):
             random.Random(_seed(self.seed, self.epoch, "shards")).shuffle(urls)
         return urls[self.rank::self.world_size][worker::num_workers]
 
+    def _block_order(self, worker: int, block: int, n: int) -> list[int]:
+        order = list(range(n))
+        if n > 1:
+            random.Random(_seed(self.seed, self.epoch, self.rank, worker, "block",
+                                block)).shuffle(order)
+        return order
+
+    def _sample_rng(self, worker: int, shard: int, sample: dict) -> random.Random:
+        """Caption choice and crop are keyed by the sample, not by the stream position, so a
+        restarted worker repeats them, and in epoch mode the same sample gets the same ones on
+        any rank or worker, from any copy of the shards (the key, not the URL: img2dataset keys
+        are unique across a dataset's shards). A resampled stream may draw a shard twice: its
+        draw is mixed in."""
+        if self.resampled:
+            return random.Random(_seed(self.seed, self.epoch, self.rank, worker, shard,
+                                       sample["__url__"], sample["__key__"]))
+        return random.Random(_seed(self.seed, self.epoch, sample["__key__"]))
+
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self.active_start()
+        # The DataLoader asks its workers for batches round-robin from physical worker 0; the
+        # rotation makes it ask the worker that was next when the position was saved.
+        worker = (physical + (start["next_worker"] if start else 0)) % num_workers
+        saved = start["positions"][worker] if start else None
+        position = saved or {"block": 0, "shard": 0, "offset": 0, "index": 0}
+        if position.get("done"):
+            return
         skips = SkipCounter()
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "samples"))
-        # An endless resampled stream over unreadable shards must fail, not spin.
-        raw = iter_tar_samples(self.worker_urls(worker, num_workers), skips.shard_error,
-                               max_failures_in_a_row=100 if self.resampled else None)
-        if self.shuffle_buffer > 1:
-            shuffle_rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "buffer"))
-            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                              rng=shuffle_rng)(raw)
+        block, index = position["block"], position["index"]
+        # Re-reading a partly consumed block repeats its shard errors, which were already
+        # reported in the batches before the position; a block not yet begun counts them.
+        reader = _RawReader(self.worker_urls(worker, num_workers), position["shard"],
+                            position["offset"], skips, count_errors=index == 0,
+                            max_failures_in_a_row=100 if self.resampled else None)
+        if saved and reader.position != (position["shard"], position["offset"]):
+            log.warning("worker %d resumes at %s, but the stream continues at %s (did the "
+                        "shards change since the position was saved?)", worker, position,
+                        reader.position)
+        block_size = max(1, self.shuffle_buffer)
         pending: list[tuple[str, torch.Tensor, str]] = []
-        for sample in raw:
-            try:
-                _, txt, captions, image = _parse(sample)
-            except _Skip as skip:
-                skips.add(skip.reason)
-                continue
-            text = rng.choice(captions) if self.caption == "random" else (txt or captions[0])
-            pending.append((sample["__key__"], self.transform(image, rng=rng), text))
-            if len(pending) == self.batch_size:
-                yield self._collate(pending, skips.pop())
-                pending = []
+        while reader.position is not None:
+            block_shard, block_offset = reader.position
+            entries = reader.take(block_size)
+            reader.count_errors = True
+            order = self._block_order(worker, block, len(entries))
+            for i in range(index, len(entries)):  # the first `index` entries were consumed
+                shard, sample = entries[order[i]]
+                try:
+                    _, txt, captions, image = _parse(sample)
+                except _Skip as skip:
+                    skips.add(skip.reason)
+                    continue
+                rng = self._sample_rng(worker, shard, sample)
+                text = rng.choice(captions) if self.caption == "random" else (txt or captions[0])
+                pending.append((sample["__key__"], self.transform(image, rng=rng), text))
+                if len(pending) == self.batch_size:
+                    if i + 1 < len(entries):
+                        at = {"block": block, "shard": block_shard, "offset": block_offset,
+                              "index": i + 1}
+                    elif reader.position is not None:
+                        # The block is used up: point at the next one, so that a restart reads
+                        # nothing of this one.
+                        at = {"block": block + 1, "shard": reader.position[0],
+                              "offset": reader.position[1], "index": 0}
+                    else:
+                        at = {"done": True}
+                    yield self._collate(pending, skips.pop(), worker, at)
+                    pending = []
+            block, index = block + 1, 0
         # A partial last batch under drop_last is expected (not a skip): it is not counted.
         if pending and not self.drop_last:
-            yield self._collate(pending, skips.pop())
+            yield self._collate(pending, skips.pop(), worker, {"done": True})
         if skips.counts:
-            yield self._collate([], skips.pop())  # stats-only batch: len 0
+            yield self._collate([], skips.pop(), worker, {"done": True})  # stats-only: len 0
 
-    def _collate(self, items: list[tuple[str, torch.Tensor, str]],
-                 skipped: dict[str, int]) -> Batch:
+    def _collate(self, items: list[tuple[str, torch.Tensor, str]], skipped: dict[str, int],
+                 worker: int, position: dict) -> Batch:
         if items:
             keys, pixels, texts = zip(*items)
             pixel_values = torch.stack(pixels)
@@ -239,22 +360,148 @@ class ShardDataset(IterableDataset):
             size = self.transform.image_size
             pixel_values = torch.zeros(0, 3, size, size)
         input_ids, attention_mask = self.tokenizer(list(texts), self.context_length)
-        return Batch(pixel_values, input_ids, attention_mask, list(keys), skipped)
+        return Batch(pixel_values, input_ids, attention_mask, list(keys), skipped,
+                     worker=worker, position=position)
+
+
+class StreamPosition:
+    """Where one rank's training stream stands, for an exact mid-epoch restart.
+
+    Feed it every batch taken from the loader, empty ones included (`update`); save
+    `state_dict()` (plain JSON) with the checkpoint; pass it as `make_loader(start=...)` to go
+    on with exactly the batches the interrupted run would have produced next. It records each
+    loader worker's position after its last consumed batch and which worker the DataLoader asks
+    next: torch hands out batches round-robin over workers 0..n-1, skipping exhausted ones
+    (torch/utils/data/dataloader.py, `_MultiProcessingDataLoaderIter._try_put_index` and
+    `_next_data`), and so does the resumed loader, starting at `next_worker`.
+
+    `epoch` and `num_workers` are always checked on resume; the other settings (rank,
+    world_size, num_shards, resampled, shuffle_buffer, seed) when recorded. `for_loader` records
+    them all.
+    """
+
+    SETTINGS = ("rank", "world_size", "num_shards", "resampled", "shuffle_buffer", "seed")
+
+    def __init__(self, num_workers: int, epoch: int, **settings):
+        unknown = sorted(set(settings) - set(self.SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown StreamPosition setting(s) {unknown}; valid: "
+                             f"{list(self.SETTINGS)}")
+        self.num_workers, self.epoch = num_workers, epoch
+        self.settings = {k: settings.get(k) for k in self.SETTINGS}  # None: not recorded
+        self.positions: list[dict | None] = [None] * max(1, num_workers)
+        self.next_worker = 0
+
+    @classmethod
+    def for_loader(cls, loader: DataLoader) -> "StreamPosition":
+        """A tracker for a `make_loader` loader, recording all its settings; for a resumed
+        loader it starts from the loader's `start`."""
+        dataset = loader.dataset
+        if dataset.active_start() is not None:
+            return cls.from_state(dataset.active_start())
+        return cls(loader.num_workers, dataset.epoch, rank=dataset.rank,
+                   world_size=dataset.world_size, num_shards=len(dataset.urls),
+                   resampled=dataset.resampled, shuffle_buffer=dataset.shuffle_buffer,
+                   seed=dataset.seed)
+
+    def update(self, batch: Batch) -> None:
+        """Record that `batch` has been consumed."""
+        if not 0 <= batch.worker < len(self.positions):
+            raise ValueError(f"batch.worker={batch.worker} is outside num_workers="
+                             f"{self.num_workers}; is this tracker for this loader?")
+        self.positions[batch.worker] = batch.position
+        self.next_worker = (batch.worker + 1) % len(self.positions)
+
+    def state_dict(self) -> dict:
+        """Plain JSON: {"epoch", "num_workers", "next_worker", "positions": [position or null
+        per worker], and the recorded settings}."""
+        return {"epoch": self.epoch, "num_workers": self.num_workers,
+                **{k: v for k, v in self.settings.items() if v is not None},
+                "next_worker": self.next_worker,
+                "positions": [dict(p) if p is not None else None for p in self.positions]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StreamPosition":
+        """The tracker saved by `state_dict`; a malformed state raises ValueError naming the
+        bad field."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a stream position state must be a dict (StreamPosition."
+                             f"state_dict()), got {type(state).__name__}")
+        required = ("epoch", "num_workers", "next_worker", "positions")
+        valid = required + cls.SETTINGS
+        unknown = sorted(set(state) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown stream position field(s) {unknown}; valid: {list(valid)}")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"stream position state lacks {missing}")
+        for name in ("epoch", "num_workers", "next_worker"):
+            if not _is_count(state[name]):
+                raise ValueError(f"start.{name}={state[name]!r}: expected an int >= 0")
+        n = max(1, state["num_workers"])
+        positions = state["positions"]
+        if not isinstance(positions, list) or len(positions) != n:
+            raise ValueError(f"start.positions={positions!r}: expected a list of {n} positions "
+                             f"(one per loader worker, num_workers={state['num_workers']})")
+        if state["next_worker"] >= n:
+            raise ValueError(f"start.next_worker={state['next_worker']} is outside "
+                             f"num_workers={state['num_workers']}")
+        for w, p in enumerate(positions):
+            _check_position(p, f"start.positions[{w}]")
+        settings = {k: state[k] for k in cls.SETTINGS if k in state}
+        tracker = cls(state["num_workers"], state["epoch"], **settings)
+        tracker.positions = [dict(p) if p is not None else None for p in positions]
+        tracker.next_worker = state["next_worker"]
+        return tracker
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_position(p, name: str) -> None:
+    if p is None or p == {"done": True}:
+        return
+    fields = ("block", "shard", "offset", "index")
+    if not isinstance(p, dict) or set(p) != set(fields) or not all(_is_count(p[f])
+                                                                    for f in fields):
+        raise ValueError(f"{name}={p!r}: expected null, {{'done': true}} or "
+                         f"{{'block', 'shard', 'offset', 'index'}} ints >= 0")
+
+
+def _check_start(start: "StreamPosition | dict", expected: dict) -> dict:
+    """`start` as a state dict, after checking that it was saved from this very stream."""
+    if isinstance(start, StreamPosition):
+        start = start.state_dict()
+    state = StreamPosition.from_state(start).state_dict()
+    for name, want in expected.items():
+        if name in state and state[name] != want:
+            raise ValueError(
+                f"start.{name}={state[name]!r}, but this loader has {name}={want!r}: a stream "
+                "position resumes only the stream it was saved from (same shards, seed, "
+                "shuffle_buffer, resampled, num_workers, rank, world_size and epoch)")
+    return state
 
 
 def make_loader(urls: str | Sequence[str], *, tokenizer: "Tokenizer", transform: ImageTransform,
                 batch_size: int, context_length: int, num_workers: int = 2,
                 shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1,
                 resampled: bool = False, caption: str = "random", epoch: int = 0,
-                drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
+                drop_last: bool = True, pin_memory: bool = False,
+                start: "StreamPosition | dict | None" = None) -> DataLoader:
     """A DataLoader of `Batch`es for one rank and one epoch.
 
     `urls`: a spec or URL list (see shards.expand_urls). shuffle_buffer > 0 shuffles the shard
-    order (per epoch, same on all ranks) and samples within a buffer of that size (per worker);
-    0 reads in order. `caption`: "random" (one of the json `captions` per sample, else the txt)
-    or "first" (the txt, else the first caption). All randomness derives from
-    (seed, epoch, rank, worker): the same arguments give the same batches. Make a new loader
+    order (per epoch, same on all ranks); shuffle_buffer > 1 also reads each worker's samples in
+    blocks of that size and permutes each block; <= 1 reads samples in order. `caption`:
+    "random" (one of the json `captions` per sample, else the txt) or "first" (the txt, else
+    the first caption). All randomness derives from (seed, epoch, rank, worker) and, for
+    captions and crops, the sample: the same arguments give the same batches. Make a new loader
     per epoch (or call `loader.dataset.set_epoch(e)`). Batches of len 0 carry only skip counts.
+
+    `start`: a `StreamPosition` (or its state_dict) saved from a loader with the same settings
+    and epoch; the loader then yields exactly the batches that loader would have yielded after
+    the ones recorded. Track a loader with `StreamPosition.for_loader(loader)`.
     """
     if caption not in CAPTION_MODES:
         raise ValueError(f"caption={caption!r}: expected one of {CAPTION_MODES}")
@@ -265,10 +512,15 @@ def make_loader(urls: str | Sequence[str], *, tokenizer: "Tokenizer", transform:
     urls = expand_urls(urls)
     if not resampled:
         check_shards_vs_workers(len(urls), world_size, num_workers)
+    if start is not None:
+        start = _check_start(start, {
+            "epoch": epoch, "num_workers": num_workers, "rank": rank, "world_size": world_size,
+            "num_shards": len(urls), "resampled": resampled, "shuffle_buffer": shuffle_buffer,
+            "seed": seed})
     dataset = ShardDataset(urls, tokenizer=tokenizer, transform=transform, batch_size=batch_size,
                            context_length=context_length, shuffle_buffer=shuffle_buffer,
                            seed=seed, rank=rank, world_size=world_size, resampled=resampled,
-                           caption=caption, epoch=epoch, drop_last=drop_last)
+                           caption=caption, epoch=epoch, drop_last=drop_last, start=start)
     # batch_size=None: batches are built (and tokenized) in the workers.
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       persistent_workers=False, pin_memory=pin_memory,

@@ -64,8 +64,8 @@ class ImageTransform:
 
     train=False: resize the shorter side to image_size, center crop (CLIP's preprocess).
     train=True:  random crop of `scale` of the area and aspect in `ratio`, resized to
-    image_size. Randomness comes from the `rng` passed to __call__ (the data pipeline passes a
-    per-worker seeded one), else from the `random` module.
+    image_size. Randomness comes from the `rng` passed to __call__ (the data pipeline seeds one
+    per sample), else from the `random` module.
     """
 
     def __init__(self, image_size: int, mean: Sequence[float] = CLIP_MEAN,

@@ -33,9 +33,10 @@ def begin(root: Path, name: str) -> Path:
 def commit(root: Path, name: str, keep: int) -> Path:
     """Publish `<name>.tmp` as `<name>`, point `latest` at it, prune to the newest `keep`."""
     tmp, final = root / f"{name}.tmp", root / name
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -46,11 +46,29 @@ def resolve_data(cfg: DataConfig, progress: bool = True) -> tuple[str, str]:
     return str(folder / "train"), cfg.val or str(folder / "val")
 
 
-def build_tokenizer(cfg: TokenizerConfig, train_urls: list[str], save_to: Path) -> Tokenizer:
-    """Load tokenizer.path, or train a WordPiece tokenizer on the training captions."""
+def build_tokenizer(cfg: TokenizerConfig, train_urls: list[str], save_to: Path,
+                    cache: Path | None = None) -> Tokenizer:
+    """Load tokenizer.path, or train a WordPiece tokenizer on the training captions.
+
+    HF's WordPiece trainer breaks frequency ties differently in every process, so two trainings
+    on the same captions give different ids; with `cache` (the generated shapes world) the
+    first one is kept there and reused, which makes default runs repeatable."""
     if cfg.path:
         tok = load_tokenizer(cfg.path)
+    elif cache is not None and cache.is_file():
+        tok = load_tokenizer(cache)
     else:
         tok = train_tokenizer(iter_captions(train_urls), vocab_size=cfg.vocab_size)
+        if cache is not None:
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tok.save(tmp)
+            os.replace(tmp, cache)
     tok.save(save_to)
     return tok
+
+
+def tokenizer_cache(data: DataConfig, vocab_size: int) -> Path | None:
+    """Where the generated shapes world keeps its tokenizer; None for user data."""
+    if data.train:
+        return None
+    return Path(resolve_data(data, progress=False)[0]).parent / f"tokenizer-{vocab_size}.json"

@@ -89,7 +89,15 @@ class DualTower(nn.Module):
         self.cfg = cfg
         self.visual = VisionTower(cfg.vision, cfg.embed_dim)
         self.text = TextTower(cfg.text, vocab_size, cfg.embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        # Shape (1,), not CLIP's 0-dim: DeepSpeed broadcasts parameters as byte views, which
+        # 0-dim tensors cannot give. 0-dim checkpoints still load (_load_from_state_dict).
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.visual.transformer.grad_checkpointing = enabled
@@ -106,7 +114,7 @@ class DualTower(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped as in CLIP so the temperature cannot collapse."""
-        return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()
+        return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()[0]
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
