@@ -200,3 +200,24 @@ def test_sigkill_then_resume_matches_uninterrupted(shapes, tmp_path):
         load_file(killed / "model" / "model.safetensors")
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_uneven_shards_end_epochs_together(shapes, tmp_path):
+    """3 shards over 2 processes: one process runs out first every epoch. All must start the
+    next epoch together instead of one waiting forever in a collective."""
+    import shutil
+
+    uneven = tmp_path / "uneven"
+    uneven.mkdir()
+    for name in ("00000.tar", "00001.tar", "00002.tar"):  # 32 samples each
+        shutil.copy(shapes / "train" / name, uneven / name)
+    out = tmp_path / "run"
+    _run("torchrun", 2, ["--out", str(out), "--no-progress", *TINY, f"data.train={uneven}",
+                         f"tokenizer.path={shapes}/tokenizer.json", "data.num_workers=1",
+                         "train.batch_size=8", "train.steps=14", "train.save_every=0"],
+         timeout=180)
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 15))
+    # an epoch is at most 32 samples per process (the process with one shard) = 4 steps
+    assert log[-1]["epoch"] >= 3
+    assert log[-1]["samples_seen"] == 14 * 2 * 8

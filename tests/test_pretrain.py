@@ -232,3 +232,50 @@ def test_short_run_learns_far_above_chance(tmp_path):
     assert metrics["t2i_R@5"] > 3 * 7.8, metrics
     # i2t R@1 chance: 5 true captions among 320 = 1.6%; measured here: t2i_R@5 51, i2t_R@1 22
     assert metrics["i2t_R@1"] > 5 * 100 * 5 / 320, metrics
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(shapes, tmp_path, tokenizer_path):
+    """SIGTERM to the whole process group (as schedulers and launchers send it, loader workers
+    included): the run saves at the next step, exits 130, and `--resume latest` continues."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "vlp", "pretrain", "--out", str(out), "--no-progress",
+            f"data.train={shapes}/train", "eval.at_end=false", "train.save_every=0",
+            "train.log_every=1", "data.num_workers=2", tokenizer_path, *TINY]
+    proc = subprocess.Popen([*args, "train.steps=100000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130, output[-3000:]
+    stopped = max(_losses(out))
+    assert f"checkpoint saved at step {stopped}" in output
+    state = json.loads((out / "checkpoints" / f"step_{stopped:08d}" / "trainer_state.json")
+                       .read_text())
+    assert state["step"] == stopped and (out / "checkpoints" / "latest").read_text().strip() \
+        == f"step_{stopped:08d}"
+    done = subprocess.run([*args, f"train.steps={stopped + 2}", "--resume", "latest"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(_losses(out)) == list(range(1, stopped + 3))
+
+
+def test_resampled_mode_counts_epochs_in_samples(shapes, tmp_path, tokenizer_path):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--no-progress", f"data.train={shapes}/train",
+                 "data.resampled=true", "eval.at_end=false", "train.steps=3", "train.log_every=1",
+                 "train.save_every=0", tokenizer_path, *TINY]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    records = [r for r in log if "loss" in r and "event" not in r]
+    # 192 training samples, 16 per step
+    assert [r["epoch"] for r in records] == pytest.approx([16 / 192, 32 / 192, 48 / 192])

@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import random
+import signal
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import torch
@@ -524,13 +525,18 @@ def make_loader(urls: str | Sequence[str], *, tokenizer: "Tokenizer", transform:
     # batch_size=None: batches are built (and tokenized) in the workers.
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       persistent_workers=False, pin_memory=pin_memory,
-                      worker_init_fn=_one_thread if num_workers else None)
+                      worker_init_fn=_init_worker if num_workers else None)
 
 
-def _one_thread(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     """Loader workers decode and tokenize; torch ops there must not start their own thread
-    pools, which would fight the training process for the same cores."""
+    pools, which would fight the training process for the same cores. They also ignore
+    SIGTERM/SIGINT: launchers (deepspeed's, torchrun) and Ctrl-C signal the whole process tree,
+    and the training process must still have its workers while it saves a checkpoint; they
+    exit when it shuts the loader down (or dies: torch's workers watch their parent)."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------- evaluation / text
