@@ -16,6 +16,12 @@ import torch
 import torch.distributed as torch_dist
 
 
+# What launchers export (and `init` fills in for a launcher-less run). A process started from
+# one that holds a world must not inherit them, or it would try to join that world.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+               "MASTER_PORT", "CROSS_SIZE")
+
+
 @dataclass(frozen=True)
 class World:
     rank: int = 0

@@ -29,17 +29,40 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     return {"contrastive_loss": loss, "logits_per_image": logits_per_image}
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every rank the summed gradient of its own rows (the
+    loss on each rank uses every rank's rows). Written here: torch 2.13 deprecates
+    torch.distributed.nn's all_gather, and this is all it takes."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, features.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # gloo has no reduce_scatter; features are small (B x D)
+        rows = grad.shape[0] // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * rows:(rank + 1) * rows]
+
+
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
     """All-gather (B, D) features from every rank into (world * B, D), rank-major, keeping the
     autograd graph: the backward sums every rank's gradient for these rows back onto the rank
-    that owns them (OpenCLIP's `gather_with_grad`). With one process it returns `features`."""
+    that owns them (OpenCLIP's `gather_with_grad`). Every rank must pass the same B. With one
+    process it returns `features`."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(features), dim=0)
+    return _AllGatherWithGrad.apply(features)
 
 
 def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor,
