@@ -129,9 +129,25 @@ def test_grad_checkpointing_changes_memory_not_results(shapes, tmp_path, tokeniz
     assert main(["pretrain", "--out", str(tmp_path / "a"), *common]) == 0
     assert main(["pretrain", "--out", str(tmp_path / "b"), *common,
                  "train.grad_checkpointing=true"]) == 0
-    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    assert [v[1] for v in a.values()] == [v[1] for v in b.values()]
+    # and with ZeRO-3 (parameters partitioned and gathered around every block's recompute)
+    assert main(["pretrain", "--out", str(tmp_path / "c"), *common,
+                 "train.grad_checkpointing=true",
+                 "train.deepspeed=configs/deepspeed/zero3.json"]) == 0
+    a, b, c = _losses(tmp_path / "a"), _losses(tmp_path / "b"), _losses(tmp_path / "c")
+    assert [v[1] for v in a.values()] == [v[1] for v in b.values()] == [v[1] for v in c.values()]
     assert [v[0] for v in b.values()] == pytest.approx([v[0] for v in a.values()], rel=1e-5)
+    assert [v[0] for v in c.values()] == pytest.approx([v[0] for v in a.values()], rel=1e-5)
+
+
+def test_resume_with_other_data_settings_is_a_clear_error(shapes, tmp_path, tokenizer_path,
+                                                          capsys):
+    common = ["--out", str(tmp_path / "run"), "--no-progress", f"data.train={shapes}/train",
+              "eval.at_end=false", "train.steps=2", tokenizer_path, *TINY]
+    assert main(["pretrain", *common]) == 0
+    assert main(["pretrain", *common, "data.num_workers=1", "train.steps=4", "--resume",
+                 "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "num_workers" in err and "Resume with the data settings" in err
 
 
 def test_tensorboard_log(shapes, tmp_path):

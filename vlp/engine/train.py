@@ -105,7 +105,13 @@ class RankStream:
 
     def _open(self, epoch: int, start: dict | None) -> None:
         self.epoch = epoch
-        loader = self._make(epoch, start)
+        try:
+            loader = self._make(epoch, start)
+        except ValueError as e:  # a saved data position that does not fit this run's data
+            if start is None:
+                raise
+            raise ConfigError(f"cannot continue the checkpoint's data stream: {e}. Resume with "
+                              "the data settings the checkpoint was written with.") from None
         self.position = StreamPosition.for_loader(loader)  # continues `start` when resuming
         self.batches_this_epoch = 0
         self._it = iter(loader)
