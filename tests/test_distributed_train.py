@@ -94,10 +94,13 @@ def test_two_processes_match_one_process_on_the_same_samples(shapes, tmp_path):
     steps, batch = 4, 8
     data = ["data.num_workers=1", "data.shuffle_buffer=16", f"data.train={shapes}/train"]
     two = tmp_path / "two"
-    _run("deepspeed", 2, ["--out", str(two), "--no-progress", *TINY, *data,
+    launched = _run("deepspeed", 2, ["--out", str(two), "--no-progress", *TINY, *data,
                           f"train.steps={steps}", f"train.batch_size={batch}",
                           "train.save_every=0",
                           f"train.deepspeed={ROOT}/configs/deepspeed/zero2.json"])
+    # only rank 0 prints (the header, the end-of-run lines) and writes the log
+    assert launched.stdout.count("vlp pretrain: ") == 1, launched.stdout[-3000:]
+    assert launched.stdout.count("trained 4 steps") == 1
     # The samples each rank took at each step, from the same pipeline and settings.
     tokenizer = load_tokenizer(two / "tokenizer.json")
     per_rank = []

@@ -303,3 +303,13 @@ def test_resampled_mode_counts_epochs_in_samples(shapes, tmp_path, tokenizer_pat
     records = [r for r in log if "loss" in r and "event" not in r]
     # 192 training samples, 16 per step
     assert [r["epoch"] for r in records] == pytest.approx([16 / 192, 32 / 192, 48 / 192])
+
+
+def test_grad_accumulation_takes_micro_batches_per_step(shapes, tmp_path, tokenizer_path):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--no-progress", f"data.train={shapes}/train",
+                 "train.grad_accum=3", "eval.at_end=false", "train.steps=2", "train.log_every=1",
+                 "train.save_every=0", tokenizer_path, *TINY]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["samples_seen"] for r in log if "loss" in r and "event" not in r] == [48, 96]
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 2
