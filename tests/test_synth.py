@@ -60,6 +60,10 @@ def test_manifest(world):
     assert manifest["shards"]["train"] == {"pattern": "train/{00000..00002}.tar", "count": 3}
     assert manifest["shards"]["val"] == {"pattern": "val/{00000..00001}.tar", "count": 2}
     assert manifest["vocab"]["shapes"] == list(SHAPES) and len(manifest["vocab"]["colors"]) == 8
+    assert manifest["regions"] == {
+        "extractor": "thumb8_meanstd", "dim": 198, "labels": list(SHAPES),
+        "object_labels": [f"{c} {s}" for c in COLORS for s in SHAPES], "member": "regions.npz",
+        "splits": ["train", "val"]}
 
 
 @pytest.mark.parametrize("split,n", [("train", 40), ("val", 20)])
@@ -77,7 +81,7 @@ def test_shards_read_with_tarfile(world, split, n):
         assert stats["status_dict"] == {"success": len(samples)}
         for index, (key, files) in enumerate(sorted(samples.items())):
             assert key == f"{shard_id:05d}{index:04d}"
-            assert set(files) == {"jpg", "json", "txt"}
+            assert set(files) == {"jpg", "json", "txt", "regions.npz"}  # regions: format v2
             meta = json.loads(files["json"])
             for field in ("key", "caption", "url", "status", "error_message", "width", "height",
                           "original_width", "original_height", "exif", "sha256"):

@@ -83,8 +83,10 @@ def test_save_load_file_folder_pickle(tok, tmp_path):
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         load_tokenizer(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer.json or vocab.txt"):
+        load_tokenizer(tmp_path)
     (tmp_path / "vocab.txt").write_text("[PAD]\n")
-    with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
+    with pytest.raises(ValueError, match="not a usable BERT vocab.txt"):
         load_tokenizer(tmp_path)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
@@ -127,3 +129,13 @@ def test_train_needs_texts():
     with pytest.raises(ValueError, match="no texts"):
         train_tokenizer([])
     assert SPECIAL_TOKENS[0] == "[PAD]"
+
+
+def test_load_bert_vocab_txt_folder(tmp_path):
+    """A BERT folder with only the slow tokenizer's vocab.txt (older checkpoints)."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "##s"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = load_tokenizer(tmp_path)
+    ids, mask = tok(["A red circles"], 8)
+    assert ids[0].tolist() == [2, 5, 6, 7, 8, 3, 0, 0] and mask[0].tolist() == [1] * 6 + [0] * 2
+    assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id) == (2, 3, 4, 0)

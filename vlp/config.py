@@ -31,7 +31,7 @@ class EncoderConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
-    act: Literal["gelu", "quick_gelu", "relu"] = "gelu"
+    act: Literal["gelu", "quick_gelu", "relu", "gelu_tanh"] = "gelu"
     norm_eps: float = 1e-5
 
 
@@ -57,12 +57,28 @@ class TextConfig(EncoderConfig):
 
 
 @dataclass
+class FusionConfig(EncoderConfig):
+    """Single-stream Transformer over `[CLS] text [SEP] visual tokens [END]` (VL-BERT/UNITER).
+    With model.init_text_from, width/layers/heads/mlp/act/eps come from the BERT config."""
+
+    norm_first: bool = True  # False: BERT's post-LN (what init_text_from loads)
+    max_positions: int = 64  # text positions (>= model.text.context_length)
+
+
+@dataclass
 class ModelConfig:
     embed_dim: int = 128
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
     max_logit_scale: float = math.log(100.0)  # CLIP clamps exp(scale) at 100
+    # single-stream only: the visual tokens. patches: ViLT-style patch embeddings of the image
+    # (model.vision.image_size/patch_size); regions: precomputed {key}.regions.npz features
+    # with their boxes; roi_align: a patch encoder (model.vision) pooled over the json boxes.
+    visual_tokens: Literal["patches", "regions", "roi_align"] = "patches"
+    max_regions: int = 36
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    init_text_from: str = ""  # a local Hugging Face BERT folder for the text embeddings/layers
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,18 +140,35 @@ class EvalConfig:
 
 
 @dataclass
+class ObjectivesConfig:
+    """Single-stream pretraining objectives (weights 0 turn one off)."""
+
+    mlm_prob: float = 0.15  # BERT: of these, 80% [MASK], 10% random token, 10% unchanged
+    whole_word: bool = False  # mask all pieces of a word together
+    mrm_prob: float = 0.15  # regions masked (features zeroed) for MRC / MRFR
+    mlm_weight: float = 1.0
+    mrc_weight: float = 1.0  # masked region classification against the region labels
+    mrfr_weight: float = 1.0  # masked region feature regression (L2)
+    itm_weight: float = 1.0  # image-text matching, negatives from the batch
+    itm_neg_prob: float = 0.5
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = False  # also write OUT/tensorboard (needs `pip install tensorboard`)
 
 
 @dataclass
 class PretrainConfig:
+    # dual_tower: CLIP (contrastive); single_stream: VL-BERT/UNITER (MLM, MRM, ITM)
+    recipe: Literal["dual_tower", "single_stream"] = "dual_tower"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +288,20 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} must be >= 0")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    f = cfg.model.fusion
+    if cfg.recipe == "single_stream":
+        if f.width % f.heads:
+            raise ConfigError(f"model.fusion.width={f.width} must be divisible by "
+                              f"model.fusion.heads={f.heads}")
+        if f.max_positions < t.context_length:
+            raise ConfigError(f"model.fusion.max_positions={f.max_positions} must be >= "
+                              f"model.text.context_length={t.context_length}")
+        if cfg.model.max_regions <= 0:
+            raise ConfigError(f"model.max_regions={cfg.model.max_regions} must be > 0")
+    o = cfg.objectives
+    for key in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
+        if not 0.0 <= getattr(o, key) <= 1.0:
+            raise ConfigError(f"objectives.{key}={getattr(o, key)} must be within [0, 1]")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -8,6 +8,7 @@ loads too.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -145,13 +146,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     Hugging Face tokenizer folder)."""
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
+    if path.is_dir() and not file.is_file() and (path / "vocab.txt").is_file():
+        return _from_bert_vocab(path)
     if not file.is_file():
         if path.is_dir():
             found = sorted(p.name for p in path.iterdir())[:10]
             raise FileNotFoundError(
-                f"folder {str(path)!r} has no tokenizer.json (it holds {found}); expected a "
-                "tokenizer.json file or a folder containing one. Folders with only vocab.txt "
-                "(slow tokenizers) are not supported: save a fast tokenizer's tokenizer.json.")
+                f"folder {str(path)!r} has no tokenizer.json or vocab.txt (it holds {found}); "
+                "expected a tokenizer.json file or a folder containing one (or a BERT vocab.txt)")
         raise FileNotFoundError(
             f"no tokenizer at {str(path)!r}: expected a tokenizer.json file or a folder "
             "containing tokenizer.json (a model directory or a Hugging Face tokenizer folder)")
@@ -160,6 +162,22 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as exn:  # tokenizers raises a bare Exception on bad JSON
         raise ValueError(f"{str(file)!r} is not a valid tokenizer.json: {exn}") from exn
     return Tokenizer(hf)
+
+
+def _from_bert_vocab(folder: Path) -> Tokenizer:
+    """A BERT folder with only the slow tokenizer's vocab.txt: the same WordPiece vocabulary
+    as a fast tokenizer (lowercasing per tokenizer_config.json's do_lower_case, default True)."""
+    lowercase = True
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        lowercase = bool(json.loads(config.read_text()).get("do_lower_case", True))
+    try:
+        wordpiece = tokenizers.BertWordPieceTokenizer(str(folder / "vocab.txt"),
+                                                      lowercase=lowercase)
+    except Exception as exn:  # noqa: BLE001 - tokenizers raises TypeError/Exception here
+        raise ValueError(f"{str(folder / 'vocab.txt')!r} is not a usable BERT vocab.txt (it "
+                         f"needs [UNK], [CLS], [SEP], [PAD], [MASK]): {exn}") from None
+    return Tokenizer(wordpiece._tokenizer)
 
 
 __all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "iter_captions", "SPECIAL_TOKENS"]

@@ -14,7 +14,7 @@ import torch
 
 @dataclass
 class Batch:
-    pixel_values: torch.Tensor  # (B, 3, H, W) float32, normalized
+    pixel_values: torch.Tensor  # (B, 3, H, W) float32, normalized; (B, 0) for "regions"
     input_ids: torch.Tensor  # (B, L) long
     attention_mask: torch.Tensor  # (B, L) long, 1 = real token
     keys: list[str]
@@ -24,12 +24,19 @@ class Batch:
     # right after this batch, for pipeline.StreamPosition; None when not from make_loader
     worker: int = 0
     position: dict | None = None
+    # Regions (make_loader(visual="regions" | "roi_align")); None when unused. R = the largest
+    # region count in the batch, capped at max_regions; padded slots are zeros, label -100 and
+    # mask False. Boxes are x1, y1, x2, y2 in [0, 1] of the image the model sees.
+    region_features: torch.Tensor | None = None  # (B, R, D) float32; "regions" only
+    region_boxes: torch.Tensor | None = None  # (B, R, 4) float32
+    region_labels: torch.Tensor | None = None  # (B, R) long, -100 = unknown or padded
+    region_mask: torch.Tensor | None = None  # (B, R) bool, True = a real region
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def _map_tensors(self, fn) -> "Batch":
-        # Generic over fields so that tensor fields added later (regions, labels) move too.
+        # Generic over fields, so the optional region tensors move too (None stays None).
         changes = {f.name: fn(getattr(self, f.name)) for f in fields(self)
                    if isinstance(getattr(self, f.name), torch.Tensor)}
         return replace(self, **changes)

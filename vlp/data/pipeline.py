@@ -7,14 +7,28 @@ In each DataLoader worker:
       -> this rank's shards[rank::world_size] -> this worker's [worker::num_workers]
       -> iter_tar_samples (unreadable shard: counted as shard_error)
       -> block shuffle (raw bytes, cheap): blocks of shuffle_buffer samples, each permuted
-      -> parse json, pick caption, decode image (bad sample: counted by reason)
+      -> parse json, pick caption, decode image / read regions (bad sample: counted by reason)
       -> ImageTransform -> collate + tokenize -> Batch (carries the counts since the last Batch,
          the worker id and the worker's position after the batch)
 
-Skip reasons: corrupt_image, missing_image, missing_caption, bad_json (per sample) and
-shard_error (per shard that failed to open or read to its end; samples after the failure point
-cannot be counted). A worker whose stream ends with counts not yet sent yields one empty Batch
-(len 0) carrying them, so summing `batch.skipped` over all batches gives exact totals.
+Visual input (`visual=`), for the single-stream recipes' three kinds of visual tokens:
+    patches    the image, transformed (pixel_values); no region fields
+    regions    precomputed region features, `{key}.regions.npz` (format and validation policy:
+               vlp/data/regions.py); the image is not decoded, only its header read for its
+               size when the npz has none; pixel_values is (B, 0)
+    roi_align  boxes and labels from the json `objects` (`box` in pixels, `label` looked up in
+               `region_labels`), carried through the image transform by
+               `ImageTransform.map_boxes`; the model pools its own features in them. The eval
+               (deterministic) geometry is used even when training (TODO: a random crop would
+               need its crop box passed to map_boxes).
+
+Skip reasons: corrupt_image, missing_image, missing_caption, bad_json, bad_regions,
+missing_regions (per sample) and shard_error (per shard that failed to open or read to its end;
+samples after the failure point cannot be counted). bad_regions: an unusable regions.npz (see
+vlp/data/regions.py), or in roi_align a malformed `objects` list or box; missing_regions: no
+regions.npz member (regions), or no `objects` list, an empty one, or none left inside the
+cropped image (roi_align). A worker whose stream ends with counts not yet sent yields one empty
+Batch (len 0) carrying them, so summing `batch.skipped` over all batches gives exact totals.
 
 Resuming. A worker's position is where it stands in its own shard sequence: `{"block": b,
 "shard": j, "offset": o, "index": k}` (block b starts at raw sample o of the worker's j-th shard,
@@ -33,14 +47,19 @@ import json
 import logging
 import random
 import signal
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlp.config import ConfigError
 from vlp.data.batch import Batch
+from vlp.data.regions import (IGNORE_LABEL, RegionError, Regions, UnknownImageSize,
+                              read_regions)
 from vlp.data.shards import check_shards_vs_workers, expand_urls, iter_tar_samples
 from vlp.data.transforms import ImageTransform, to_pil_rgb
 
@@ -50,8 +69,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # looked up in this order
-SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "bad_json", "shard_error")
+REGIONS_EXT = "regions.npz"
+SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "bad_json", "bad_regions",
+                "missing_regions", "shard_error")
 CAPTION_MODES = ("random", "first")
+VISUAL_MODES = ("patches", "regions", "roi_align")
+PROBE_SAMPLES = 64  # samples read at most to find the dataset's region feature dimension
 
 
 # --------------------------------------------------------------------------- skip accounting
@@ -142,10 +165,24 @@ def _read_captions(raw: dict, meta: dict) -> tuple[str, list[str]]:
     return txt, []
 
 
-def _decode_image(raw: dict) -> Image.Image:
+def _image_ext(raw: dict) -> str:
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
         raise _Skip("missing_image")
+    return ext
+
+
+def _image_size(raw: dict) -> tuple[int, int]:
+    """(width, height) from the image header alone (no decode)."""
+    ext = _image_ext(raw)
+    try:
+        return Image.open(io.BytesIO(raw[ext])).size
+    except Exception:  # noqa: BLE001 - PIL raises many types
+        raise _Skip("corrupt_image") from None
+
+
+def _decode_image(raw: dict) -> Image.Image:
+    ext = _image_ext(raw)
     try:
         image = Image.open(io.BytesIO(raw[ext]))
         image.load()  # Image.open only reads the header; truncated data fails here
@@ -155,14 +192,149 @@ def _decode_image(raw: dict) -> Image.Image:
         raise _Skip("corrupt_image") from None
 
 
-def _parse(raw: dict) -> tuple[dict, str, list[str], Image.Image]:
-    """(json, txt, captions, image) or _Skip. Cheap checks first: no decode for a sample that
-    is skipped anyway."""
+@dataclass(frozen=True)
+class _Visual:
+    """What a sample's visual input is read as (make_loader's `visual` and its settings)."""
+
+    mode: str = "patches"
+    max_regions: int = 36
+    region_dim: int | None = None  # "regions": the dataset's D; other D are bad_regions
+    region_labels: tuple[str, ...] | None = None
+
+    def label_index(self) -> dict[str, int]:
+        index: dict[str, int] = {}
+        for i, name in enumerate(self.region_labels or ()):
+            index.setdefault(name, i)
+        return index
+
+
+def _check_visual(visual: str, max_regions: int, region_labels) -> None:
+    if visual not in VISUAL_MODES:
+        raise ConfigError(f"visual={visual!r}: expected one of {VISUAL_MODES} (model."
+                          "visual_tokens: image patches, precomputed region features, or "
+                          "boxes from the json pooled by the model)")
+    if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1:
+        raise ConfigError(f"max_regions={max_regions!r}: must be an int >= 1")
+    if region_labels is not None and (isinstance(region_labels, str) or not all(
+            isinstance(x, str) for x in region_labels)):
+        raise ConfigError(f"region_labels={region_labels!r}: expected a list of label names")
+
+
+def _is_coord(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _json_regions(meta: dict, labels: dict[str, int]) -> tuple[list, np.ndarray]:
+    """(boxes in pixels, labels) from the json `objects`; _Skip for a malformed or missing list.
+    A label not in `labels` (or none) is IGNORE_LABEL."""
+    objects = meta.get("objects")
+    if objects is None:
+        raise _Skip("missing_regions")
+    if not isinstance(objects, list):
+        raise _Skip("bad_regions")
+    boxes, ids = [], []
+    for o in objects:
+        box = o.get("box") if isinstance(o, dict) else None
+        if not isinstance(box, list) or len(box) != 4 or not all(_is_coord(v) for v in box):
+            raise _Skip("bad_regions")
+        label = o.get("label")
+        boxes.append(box)
+        ids.append(labels.get(label, IGNORE_LABEL) if isinstance(label, str) else IGNORE_LABEL)
+    if not boxes:
+        raise _Skip("missing_regions")
+    return boxes, np.array(ids, np.int64)
+
+
+def _parse(raw: dict, visual: _Visual = _Visual(), geometry: ImageTransform | None = None
+           ) -> tuple[dict, str, list[str], Image.Image | None, Regions | None]:
+    """(json, txt, captions, image, regions) or _Skip. Cheap checks first: no decode for a
+    sample that is skipped anyway.
+
+    patches: image decoded, regions None. regions: image None, regions from the npz (boxes
+    normalised by the original image size). roi_align: image decoded, regions from the json
+    with boxes already mapped through `geometry` (an eval ImageTransform; the caller transforms
+    the image with it). Regions are cut to the first visual.max_regions."""
     meta = _read_json(raw)
     txt, captions = _read_captions(raw, meta)
     if not captions:
         raise _Skip("missing_caption")
-    return meta, txt, captions, _decode_image(raw)
+    if visual.mode == "patches":
+        return meta, txt, captions, _decode_image(raw), None
+    if visual.mode == "regions":
+        if REGIONS_EXT not in raw:
+            raise _Skip("missing_regions")
+        try:  # only needed when the npz has no image_w/image_h
+            image_wh, no_size = _image_size(raw), None
+        except _Skip as skip:
+            image_wh, no_size = None, skip
+        num_labels = None if visual.region_labels is None else len(visual.region_labels)
+        try:
+            regions = read_regions(raw[REGIONS_EXT], image_wh, num_labels=num_labels)
+        except UnknownImageSize:
+            raise no_size from None
+        except RegionError:
+            raise _Skip("bad_regions") from None
+        if visual.region_dim is not None and regions.features.shape[1] != visual.region_dim:
+            raise _Skip("bad_regions")
+        return meta, txt, captions, None, regions.first(visual.max_regions)
+    boxes_px, labels = _json_regions(meta, visual.label_index())
+    image = _decode_image(raw)
+    try:
+        boxes, keep = geometry.map_boxes(boxes_px, image.size)
+    except RegionError:
+        raise _Skip("bad_regions") from None
+    if not keep.any():
+        raise _Skip("missing_regions")
+    return meta, txt, captions, image, Regions(None, boxes, labels[keep]).first(visual.max_regions)
+
+
+def collate_regions(regions: Sequence[Regions], dim: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad per-sample `Regions` to the longest: {"region_features" (B, R, D) (only when the
+    regions have features, or `dim` is given for an empty list), "region_boxes" (B, R, 4),
+    "region_labels" (B, R) (-100 where padded), "region_mask" (B, R) bool}."""
+    b, r = len(regions), max((len(x) for x in regions), default=0)
+    with_features = regions[0].features is not None if regions else dim is not None
+    out = {"region_boxes": torch.zeros(b, r, 4),
+           "region_labels": torch.full((b, r), IGNORE_LABEL, dtype=torch.long),
+           "region_mask": torch.zeros(b, r, dtype=torch.bool)}
+    if with_features:
+        d = regions[0].features.shape[1] if regions else dim
+        out["region_features"] = torch.zeros(b, r, d)
+    for i, x in enumerate(regions):
+        n = len(x)
+        out["region_boxes"][i, :n] = torch.from_numpy(x.boxes)
+        out["region_labels"][i, :n] = torch.from_numpy(x.labels)
+        out["region_mask"][i, :n] = True
+        if with_features:
+            out["region_features"][i, :n] = torch.from_numpy(x.features)
+    return out
+
+
+def region_feature_dim(urls: str | Sequence[str], max_samples: int = PROBE_SAMPLES) -> int | None:
+    """D of the first usable regions.npz in shard order (the first `max_samples` samples are
+    looked at), or None. The loader fixes a dataset's feature dimension with it, so every rank,
+    worker and resumed run agrees on which files are bad_regions."""
+    for sample in itertools.islice(iter_tar_samples(expand_urls(urls), lambda url, exn: None),
+                                   max_samples):
+        if REGIONS_EXT not in sample:
+            continue
+        try:
+            wh = _image_size(sample)
+        except _Skip:
+            wh = None
+        try:
+            return int(read_regions(sample[REGIONS_EXT], wh).features.shape[1])
+        except RegionError:
+            continue
+    return None
+
+
+def has_region_files(urls: str | Sequence[str]) -> bool:
+    """Whether the first sample of the first readable shard has a `regions.npz` member (a
+    quick check at start that `visual="regions"` has data to read)."""
+    for sample in iter_tar_samples(expand_urls(urls), lambda url, exn: None):
+        return REGIONS_EXT in sample
+    return False
 
 
 # --------------------------------------------------------------------------- training stream
@@ -238,10 +410,13 @@ class ShardDataset(IterableDataset):
     def __init__(self, urls: list[str], *, tokenizer: "Tokenizer", transform: ImageTransform,
                  batch_size: int, context_length: int, shuffle_buffer: int, seed: int,
                  rank: int, world_size: int, resampled: bool, caption: str, epoch: int,
-                 drop_last: bool, start: dict | None = None):
+                 drop_last: bool, start: dict | None = None, visual: _Visual = _Visual()):
         super().__init__()
         self.urls = list(urls)
         self.tokenizer, self.transform = tokenizer, transform
+        self.visual = visual
+        # roi_align: boxes must follow the image, and map_boxes knows only the eval geometry.
+        self.geometry = transform.as_eval() if visual.mode == "roi_align" else None
         self.batch_size, self.context_length = batch_size, context_length
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.rank, self.world_size = rank, world_size
@@ -315,7 +490,7 @@ class ShardDataset(IterableDataset):
                         "shards change since the position was saved?)", worker, position,
                         reader.position)
         block_size = max(1, self.shuffle_buffer)
-        pending: list[tuple[str, torch.Tensor, str]] = []
+        pending: list[tuple[str, torch.Tensor | None, str, Regions | None]] = []
         while reader.position is not None:
             block_shard, block_offset = reader.position
             entries = reader.take(block_size)
@@ -324,13 +499,19 @@ class ShardDataset(IterableDataset):
             for i in range(index, len(entries)):  # the first `index` entries were consumed
                 shard, sample = entries[order[i]]
                 try:
-                    _, txt, captions, image = _parse(sample)
+                    _, txt, captions, image, regions = _parse(sample, self.visual, self.geometry)
                 except _Skip as skip:
                     skips.add(skip.reason)
                     continue
                 rng = self._sample_rng(worker, shard, sample)
                 text = rng.choice(captions) if self.caption == "random" else (txt or captions[0])
-                pending.append((sample["__key__"], self.transform(image, rng=rng), text))
+                if self.visual.mode == "patches":
+                    pixels = self.transform(image, rng=rng)
+                elif self.visual.mode == "roi_align":
+                    pixels = self.geometry(image)
+                else:
+                    pixels = None
+                pending.append((sample["__key__"], pixels, text, regions))
                 if len(pending) == self.batch_size:
                     if i + 1 < len(entries):
                         at = {"block": block, "shard": block_shard, "offset": block_offset,
@@ -351,18 +532,21 @@ class ShardDataset(IterableDataset):
         if skips.counts:
             yield self._collate([], skips.pop(), worker, {"done": True})  # stats-only: len 0
 
-    def _collate(self, items: list[tuple[str, torch.Tensor, str]], skipped: dict[str, int],
-                 worker: int, position: dict) -> Batch:
-        if items:
-            keys, pixels, texts = zip(*items)
+    def _collate(self, items: list[tuple[str, torch.Tensor | None, str, Regions | None]],
+                 skipped: dict[str, int], worker: int, position: dict) -> Batch:
+        keys, pixels, texts, regions = zip(*items) if items else ((), (), (), ())
+        if self.visual.mode == "regions":
+            pixel_values = torch.zeros(len(items), 0)  # not decoded
+        elif items:
             pixel_values = torch.stack(pixels)
         else:
-            keys, texts = (), ()
             size = self.transform.image_size
             pixel_values = torch.zeros(0, 3, size, size)
         input_ids, attention_mask = self.tokenizer(list(texts), self.context_length)
+        extra = {} if self.visual.mode == "patches" else \
+            collate_regions(regions, dim=self.visual.region_dim)
         return Batch(pixel_values, input_ids, attention_mask, list(keys), skipped,
-                     worker=worker, position=position)
+                     worker=worker, position=position, **extra)
 
 
 class StreamPosition:
@@ -489,7 +673,9 @@ def make_loader(urls: str | Sequence[str], *, tokenizer: "Tokenizer", transform:
                 shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1,
                 resampled: bool = False, caption: str = "random", epoch: int = 0,
                 drop_last: bool = True, pin_memory: bool = False,
-                start: "StreamPosition | dict | None" = None) -> DataLoader:
+                start: "StreamPosition | dict | None" = None, visual: str = "patches",
+                max_regions: int = 36, region_labels: Sequence[str] | None = None,
+                region_dim: int | None = None) -> DataLoader:
     """A DataLoader of `Batch`es for one rank and one epoch.
 
     `urls`: a spec or URL list (see shards.expand_urls). shuffle_buffer > 0 shuffles the shard
@@ -503,9 +689,20 @@ def make_loader(urls: str | Sequence[str], *, tokenizer: "Tokenizer", transform:
     `start`: a `StreamPosition` (or its state_dict) saved from a loader with the same settings
     and epoch; the loader then yields exactly the batches that loader would have yielded after
     the ones recorded. Track a loader with `StreamPosition.for_loader(loader)`.
+
+    `visual` (model.visual_tokens): "patches" (pixel_values only), "regions" (Batch.region_*
+    from each sample's regions.npz; pixel_values (B, 0)) or "roi_align" (pixel_values and
+    Batch.region_boxes/labels/mask from the json objects, mapped through the eval geometry of
+    `transform` even when it is a training transform). A sample keeps its first `max_regions`
+    regions, in file order. `region_labels`: the dataset's label names; in roi_align the json
+    `label` is looked up in it (-100 when absent or unknown), in regions npz labels outside it
+    become -100. `region_dim` (regions): the feature dimension D; by default that of the first
+    usable regions.npz in shard order (`region_feature_dim`); files with another D are
+    bad_regions.
     """
     if caption not in CAPTION_MODES:
         raise ValueError(f"caption={caption!r}: expected one of {CAPTION_MODES}")
+    _check_visual(visual, max_regions, region_labels)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} is outside world_size={world_size}")
     if batch_size < 1:
@@ -513,6 +710,10 @@ def make_loader(urls: str | Sequence[str], *, tokenizer: "Tokenizer", transform:
     urls = expand_urls(urls)
     if not resampled:
         check_shards_vs_workers(len(urls), world_size, num_workers)
+    if visual == "regions" and region_dim is None:
+        region_dim = region_feature_dim(urls)
+        if region_dim is None:
+            raise ConfigError(_no_regions_message(urls))
     if start is not None:
         start = _check_start(start, {
             "epoch": epoch, "num_workers": num_workers, "rank": rank, "world_size": world_size,
@@ -521,11 +722,22 @@ def make_loader(urls: str | Sequence[str], *, tokenizer: "Tokenizer", transform:
     dataset = ShardDataset(urls, tokenizer=tokenizer, transform=transform, batch_size=batch_size,
                            context_length=context_length, shuffle_buffer=shuffle_buffer,
                            seed=seed, rank=rank, world_size=world_size, resampled=resampled,
-                           caption=caption, epoch=epoch, drop_last=drop_last, start=start)
+                           caption=caption, epoch=epoch, drop_last=drop_last, start=start,
+                           visual=_Visual(visual, max_regions, region_dim,
+                                          None if region_labels is None else tuple(region_labels)))
     # batch_size=None: batches are built (and tokenized) in the workers.
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       persistent_workers=False, pin_memory=pin_memory,
                       worker_init_fn=_init_worker if num_workers else None)
+
+
+def _no_regions_message(urls: Sequence[str]) -> str:
+    return (f"visual='regions' needs region features ({{key}}.{REGIONS_EXT} in each sample; "
+            f"format: vlp/data/regions.py), but none was found in the first {PROBE_SAMPLES} "
+            f"samples of {urls[0]}. The shapes world has them from format v2 on: write it "
+            "with `vlp data synth --out DIR` (a data.synth_dir written before v2 lacks them: "
+            "regenerate it); for other data, extract them first (bottom-up-attention npz files "
+            "load as they are), or use model.visual_tokens=patches or roi_align.")
 
 
 def _init_worker(worker_id: int) -> None:
@@ -541,19 +753,39 @@ def _init_worker(worker_id: int) -> None:
 
 # --------------------------------------------------------------------------- evaluation / text
 def iter_eval_samples(urls: str | Sequence[str], transform: ImageTransform,
-                      skips: SkipCounter | None = None) -> Iterator[dict]:
+                      skips: SkipCounter | None = None, *, visual: str = "patches",
+                      max_regions: int = 36, region_labels: Sequence[str] | None = None,
+                      region_dim: int | None = None) -> Iterator[dict]:
     """Every usable sample, in shard order, in this process: `{"key", "pixel_values" (3, H, W),
     "captions" (json captions, else [txt]), "json"}`. Bad samples and shards are skipped and
-    counted in `skips` (pass one in to read the counts)."""
+    counted in `skips` (pass one in to read the counts).
+
+    `visual` and the region settings as in `make_loader`; with "regions" or "roi_align" each
+    sample also has "regions" (a `Regions`; batch them with `collate_regions`), and with
+    "regions" "pixel_values" is an empty (0,) tensor (the image is not decoded)."""
+    _check_visual(visual, max_regions, region_labels)
+    urls = expand_urls(urls)
+    if visual == "regions" and region_dim is None:
+        region_dim = region_feature_dim(urls)
+        if region_dim is None:
+            raise ConfigError(_no_regions_message(urls))
+    spec = _Visual(visual, max_regions, region_dim,
+                   None if region_labels is None else tuple(region_labels))
+    geometry = transform.as_eval() if visual == "roi_align" else None
     skips = skips if skips is not None else SkipCounter()
-    for sample in iter_tar_samples(expand_urls(urls), skips.shard_error):
+    for sample in iter_tar_samples(urls, skips.shard_error):
         try:
-            meta, _, captions, image = _parse(sample)
+            meta, _, captions, image, regions = _parse(sample, spec, geometry)
         except _Skip as skip:
             skips.add(skip.reason)
             continue
-        yield {"key": sample["__key__"], "pixel_values": transform(image),
-               "captions": captions, "json": meta}
+        out = {"key": sample["__key__"], "captions": captions, "json": meta}
+        if visual == "patches":
+            out["pixel_values"] = transform(image)
+        else:
+            out["pixel_values"] = torch.zeros(0) if image is None else geometry(image)
+            out["regions"] = regions
+        yield out
 
 
 def iter_captions(urls: str | Sequence[str], skips: SkipCounter | None = None) -> Iterator[str]:

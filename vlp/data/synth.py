@@ -6,6 +6,17 @@ the img2dataset layout (the same files `vlp/data` reads for LAION/CC3M) plus, fr
 scenes, benchmark files in their official formats: VQA v2, COCO captions with a Karpathy-style
 split, VCR-style jsonl, and a retrieval test file over the held-out val shards.
 
+Every train and val sample also carries precomputed region features, `{key}.regions.npz` (the
+format vlp/data/regions.py reads), for `model.visual_tokens=regions`. They come from a fixed
+extractor with no learned weights, "thumb8_meanstd" (`extract_region_features`): per object
+box, the box cropped from the decoded JPEG and resized to 8x8 (PIL bilinear), as RGB values in
+[0, 1] flattened row-major (y, x, channel) -> 192 numbers, then the per-channel mean and
+standard deviation (population, ddof=0) of the box's pixels in [0, 1] -> 6 numbers; D = 198.
+Boxes are the object boxes in pixels, labels the index of the object's shape in `SHAPES`
+(`region_label_names()`), and image_w/image_h the image size. MANIFEST.json records them under
+"regions", with "object_labels" (`object_label_names()`): the json objects' `label` values
+("red circle"), which `visual="roi_align"` looks up instead.
+
 Same seed, same bytes: every scene draws from its own generator seeded by (seed, split, index),
 so the first N scenes do not depend on how many are generated, and every file is written with
 fixed metadata (tar mtime/uid 0, sorted JSON keys, fixed JPEG settings) and no timestamps.
@@ -13,12 +24,14 @@ fixed metadata (tar mtime/uid 0, sorted JSON keys, fixed JPEG settings) and no t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import re
 import tarfile
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 1
+VERSION = 2  # 2: regions.npz per train/val sample
 
 # Saturated colours, far apart in RGB, all bright enough to stand out from the dark background.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -52,6 +65,9 @@ POSITIONS: tuple[str, ...] = (
 SIZE_RANGE = {"small": (0.18, 0.24), "large": (0.32, 0.42)}  # box side / image side
 JPEG_QUALITY = 95
 SPLIT_CODES = {"train": 0, "val": 1, "benchmark": 2}
+REGION_EXTRACTOR = "thumb8_meanstd"
+REGION_THUMB = 8  # thumbnail side
+REGION_DIM = 3 * REGION_THUMB * REGION_THUMB + 6  # 198: thumbnail, then RGB mean and std
 # Benchmark scenes by index range; as in Karpathy's split, restval, val and test come from
 # COCO's "val2014" (captions_val.json, the VQA and VCR val files) and train from "train2014".
 BENCHMARK_SPLITS = (("train", 0.55), ("restval", 0.05), ("val", 0.20), ("test", 0.20))
@@ -311,6 +327,78 @@ def make_captions(objects: list[ShapeObject], rng: np.random.Generator,
     return [_articles(c) for c in captions]
 
 
+# --------------------------------------------------------------------------- region features
+
+
+def region_label_names() -> list[str]:
+    """The names of the regions.npz `labels`, in index order: the shapes."""
+    return list(SHAPES)
+
+
+def object_label_names() -> list[str]:
+    """Every json object `label` ("red circle": colour and shape), colour-major: label names
+    for `visual="roi_align"`, which looks up the json label (not the shape)."""
+    return [f"{c} {s}" for c in COLORS for s in SHAPES]
+
+
+def extract_region_features(image: Image.Image,
+                            boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """The "thumb8_meanstd" extractor: [N, 198] float32 for N integer pixel boxes of an RGB
+    image — per box the 8x8 bilinear thumbnail of its crop (192 values in [0, 1], row-major
+    y, x, channel), then the per-channel mean and population std of its pixels in [0, 1]."""
+    rgb = np.asarray(image)  # (H, W, 3) uint8
+    out = np.empty((len(boxes), REGION_DIM), np.float32)
+    n_thumb = 3 * REGION_THUMB * REGION_THUMB
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        thumb = image.crop((x1, y1, x2, y2)).resize((REGION_THUMB, REGION_THUMB),
+                                                    Image.Resampling.BILINEAR)
+        out[i, :n_thumb] = np.asarray(thumb, dtype=np.float64).reshape(-1) / 255.0
+        # mean and std in float64, written out (faster than .mean/.std on these small arrays)
+        pixels = rgb[y1:y2, x1:x2].reshape(-1, 3).astype(np.float64) / 255.0
+        mean = pixels.sum(0) / len(pixels)
+        dev = pixels - mean
+        out[i, n_thumb:n_thumb + 3] = mean
+        out[i, n_thumb + 3:] = np.sqrt(np.einsum("ij,ij->j", dev, dev) / len(pixels))
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
+    """numpy's own .npy header for an array of `dtype` and `shape` (cached: writing it is most
+    of the cost of a small array)."""
+    array = np.zeros(shape, np.dtype(dtype))
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, allow_pickle=False)
+    return buf.getvalue()[:-array.nbytes or None]
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """np.savez's layout (a stored zip of .npy members) with fixed member timestamps:
+    np.savez stamps the current time, which would break same seed, same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name, array in arrays.items():
+            array = np.asarray(array)  # tobytes() writes C order, as the header says
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, _npy_header(array.dtype.str, array.shape) + array.tobytes())
+    return buf.getvalue()
+
+
+def scene_regions_npz(scene: Scene) -> bytes:
+    """The `{key}.regions.npz` of a scene: features of its decoded JPEG, boxes, shape labels,
+    image size."""
+    image = Image.open(io.BytesIO(scene.jpeg))  # RGB: saved from an RGB image
+    boxes = [o.box for o in scene.objects]
+    return _npz_bytes({
+        "features": extract_region_features(image, boxes),
+        "boxes": np.array(boxes, np.float32).reshape(-1, 4),
+        "labels": np.array([SHAPES.index(o.shape) for o in scene.objects], np.int64),
+        "image_w": np.array(scene.image_size, np.int64),
+        "image_h": np.array(scene.image_size, np.int64),
+    })
+
+
 # --------------------------------------------------------------------------- benchmark items
 
 
@@ -475,6 +563,7 @@ def _write_split(out: Path, split: str, n: int, seed: int, image_size: int, shar
                 _tar_add(tar, f"{key}.jpg", scene.jpeg)
                 _tar_add(tar, f"{key}.json", _dumps(meta))
                 _tar_add(tar, f"{key}.txt", scene.captions[0].encode())
+                _tar_add(tar, f"{key}.regions.npz", scene_regions_npz(scene))
                 records.append({"key": key, "shard": f"{split}/{shard:05d}.tar",
                                 "captions": scene.captions})
                 count += 1
@@ -629,6 +718,11 @@ def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int
         "shard_size": shard_size,
         "shards": {s: {"pattern": _shard_pattern(s, k), "count": k} for s, k in n_shards.items()},
         "captions_per_image": 5,
+        # Region features in every train/val sample ({key}.regions.npz); their labels index
+        # "labels" (shapes). "object_labels": the json objects' `label` values, for roi_align.
+        "regions": {"extractor": REGION_EXTRACTOR, "dim": REGION_DIM,
+                    "labels": region_label_names(), "object_labels": object_label_names(),
+                    "member": "regions.npz", "splits": ["train", "val"]},
         "vocab": {"colors": {c: list(rgb) for c, rgb in COLORS.items()}, "shapes": list(SHAPES),
                   "sizes": list(SIZES), "positions": list(POSITIONS)},
         "benchmarks": {

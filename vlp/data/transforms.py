@@ -2,7 +2,8 @@
 
 Sits between decoding and collation in vlp/data. Eval follows OpenAI CLIP's preprocess
 (resize the shorter side, bicubic, then center crop); train takes a RandomResizedCrop-style
-crop. Settings travel in a model directory through `to_dict()` / `from_dict()`.
+crop. Settings travel in a model directory through `to_dict()` / `from_dict()`. `map_boxes`
+carries pixel boxes through the eval geometry (for `visual="roi_align"`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+
+from vlp.data.regions import RegionError, clip_boxes
 
 # OpenAI CLIP's normalization (github.com/openai/CLIP clip/clip.py, _transform).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -99,18 +102,59 @@ class ImageTransform:
         return x.sub_(mean).div_(std)
 
     @staticmethod
-    def _resize_center_crop(image: Image.Image, size: int, resample) -> Image.Image:
-        # Same arithmetic as torchvision Resize(size) + CenterCrop(size), which CLIP uses.
-        w, h = image.size
+    def _resize_center_crop_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+        """(new_w, new_h, left, top): the resized size and the crop's corner in it. Same
+        arithmetic as torchvision Resize(size) + CenterCrop(size), which CLIP uses."""
         if w <= h:
             new_w, new_h = size, int(size * h / w)
         else:
             new_w, new_h = int(size * w / h), size
-        if (new_w, new_h) != (w, h):
+        return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+
+    @classmethod
+    def _resize_center_crop(cls, image: Image.Image, size: int, resample) -> Image.Image:
+        new_w, new_h, left, top = cls._resize_center_crop_geometry(*image.size, size)
+        if (new_w, new_h) != image.size:
             image = image.resize((new_w, new_h), resample)
-        left = int(round((new_w - size) / 2.0))
-        top = int(round((new_h - size) / 2.0))
         return image.crop((left, top, left + size, top + size))
+
+    def as_eval(self) -> "ImageTransform":
+        """The same settings with train=False (deterministic resize + centre crop)."""
+        return ImageTransform(self.image_size, self.mean, self.std, train=False,
+                              scale=self.scale, ratio=self.ratio,
+                              interpolation=self.interpolation)
+
+    def map_boxes(self, boxes_px, image_wh: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes in pixels of the input image -> (boxes, keep) in the output image of the eval
+        geometry (resize the shorter side, centre crop).
+
+        `boxes_px` [N, 4] x1, y1, x2, y2 (x2/y2 exclusive, so a box spans [x1, x2] in continuous
+        coordinates, as PIL resamples); `image_wh` the input (width, height). Returns `boxes`
+        [M, 4] float32 normalised to [0, 1] of the output image and clipped to it, and `keep`
+        [N] bool: the M boxes with area left inside the crop (the others are dropped). Only the
+        eval geometry is supported: a random training crop would need its crop box (TODO), so
+        the pipeline uses `as_eval()` for roi_align even when training. A box with x2 < x1 or
+        y2 < y1, or NaN/inf, raises vlp.data.regions.RegionError (a ValueError).
+        """
+        if self.train:
+            raise ValueError("map_boxes follows the eval geometry (resize + centre crop) only; "
+                             "use transform.as_eval() (a random crop would need its crop box)")
+        try:
+            boxes = np.asarray(boxes_px, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise RegionError(f"boxes must be [N, 4] numbers, got {boxes_px!r}") from None
+        if boxes.size == 0:
+            boxes = boxes.reshape(0, 4)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise RegionError(f"boxes must be [N, 4], got shape {boxes.shape}")
+        w, h = (int(v) for v in image_wh)
+        size = self.image_size
+        new_w, new_h, left, top = self._resize_center_crop_geometry(w, h, size)
+        # Scale each axis by its own factor (int() above makes them differ slightly), then move
+        # to the crop's frame; clip_boxes clips to the crop and drops what lies outside it.
+        scale = np.array([new_w / w, new_h / h, new_w / w, new_h / h])
+        shift = np.array([left, top, left, top])
+        return clip_boxes(boxes * scale - shift, (size, size))
 
     def to_dict(self) -> dict:
         """Settings for a model directory's config.json (eval settings; train is a run flag)."""

@@ -82,8 +82,8 @@ class Engine:
         self.input_dtype = next(self.module.parameters()).dtype
 
     # ---------------------------------------------------------------- step
-    def __call__(self, *inputs):
-        return self.ds(*inputs)
+    def __call__(self, *inputs, **kwargs):
+        return self.ds(*inputs, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)

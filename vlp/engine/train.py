@@ -25,7 +25,6 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from vlp.api import Pretrained
 from vlp.config import ConfigError, PretrainConfig, to_dict
 from vlp.data.pipeline import StreamPosition, accumulate, format_skips, make_loader, \
     skipped_samples
@@ -34,8 +33,7 @@ from vlp.data.transforms import ImageTransform
 from vlp.engine import checkpoint, dist
 from vlp.engine.engine import Engine, rng_state, set_rng_state
 from vlp.engine.setup import build_tokenizer, resolve_data, tokenizer_cache
-from vlp.models import DualTower
-from vlp.objectives import clip_loss, distributed_clip_loss
+from vlp.recipes import build_recipe
 from vlp.tokenizer import load_tokenizer
 
 TRAINER_STATE = "trainer_state.json"
@@ -195,10 +193,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     out_dir = Path(out_dir)
     t_start = time.time()
     _check_logging(cfg)
+    if cfg.recipe == "single_stream":
+        from vlp.recipes.single_stream import adopt_bert_shape
+
+        adopted = adopt_bert_shape(cfg)  # before anything is built from the config
     world = dist.init()
     main = world.is_main
     say = print if main else (lambda *a, **k: None)
     threads = dist.set_threads(world, cfg.train.threads)
+    if cfg.recipe == "single_stream" and adopted:
+        say(f"model.init_text_from: taking the BERT folder's {', '.join(adopted)}")
     progress = progress and main
     out_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(cfg.train.seed)  # same initial weights on every rank
@@ -232,7 +236,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     if not main:
         tokenizer = load_tokenizer(saved_tokenizer)
 
-    model = DualTower(cfg.model, tokenizer.vocab_size)
+    recipe = build_recipe(cfg, tokenizer, urls, world.size)
+    model = recipe.build_model()
     n_params = sum(p.numel() for p in model.parameters())
     engine = Engine(model, cfg.train, world)
     ckpt_root = out_dir / "checkpoints"
@@ -256,7 +261,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
         say(f"resumed from {folder} at step {engine.global_step}")
 
     train_tf = ImageTransform(cfg.model.vision.image_size, train=True)
-    eval_tf = ImageTransform(cfg.model.vision.image_size, train=False)
 
     def loader_for(ep: int, start: dict | None):
         return make_loader(urls, tokenizer=tokenizer, transform=train_tf,
@@ -265,13 +269,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
                            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                            seed=cfg.train.seed, rank=world.rank, world_size=world.size,
                            resampled=cfg.data.resampled, caption=cfg.data.caption, epoch=ep,
-                           start=start)
+                           start=start, **recipe.loader_kwargs())
 
     stream = RankStream(loader_for, skipped, epoch=epoch, start=data_start)
     log = JsonlLog(log_path) if main else None
     tensorboard = TensorBoardLog(out_dir / "tensorboard") if main and cfg.logging.tensorboard \
         else None
-    say(f"vlp pretrain: {n_params / 1e6:.2f}M params, {world.size} process"
+    say(f"vlp pretrain: {cfg.recipe}, {n_params / 1e6:.2f}M params, {world.size} process"
         f"{'es' * (world.size > 1)} x {threads} thread{'s' * (threads > 1)}, ZeRO-"
         f"{engine.zero_stage}, {len(urls)} train shards"
         f"{f', {n_train} samples' if n_train else ''}, batch {cfg.train.batch_size} x "
@@ -308,8 +312,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     t_train = t_last = time.time()
     step_losses: list[float] = []
     step_samples, step_digest = 0, hashlib.sha1()
-    distributed = world.size > 1
-    loss_fn = distributed_clip_loss if distributed else clip_loss
+    step_metrics = [[] for _ in recipe.metric_names]
     stopped_early = False
     with _StopRequests() as stop:
         while engine.global_step < cfg.train.steps:
@@ -321,13 +324,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
                     continue
             elif batch is None:  # a resampled stream is endless; only a crash ends it
                 raise RuntimeError("the resampled data stream ended unexpectedly")
-            pixels = batch.pixel_values.to(engine.device, engine.input_dtype)
-            image_features, text_features, scale = engine(
-                pixels, batch.input_ids.to(engine.device), batch.attention_mask.to(engine.device))
-            loss = loss_fn(image_features.float(), text_features.float(),
-                           scale.float())["contrastive_loss"]
+            loss, values = recipe.loss(engine, batch)
             rows = dist.all_gather_rows([loss.item(), len(batch), stop.requested,
-                                         _digest(batch.keys)], world)
+                                         _digest(batch.keys), *values], world)
             if not bool(torch.isfinite(rows[:, 0]).all()):
                 consecutive_bad += 1
                 bad_steps_total += 1
@@ -346,6 +345,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
             step_losses.append(float(rows[:, 0].mean()))
             step_samples += int(rows[:, 1].sum())
             step_digest.update(rows[:, 3].numpy().tobytes())
+            for i, column in enumerate(step_metrics):  # averaged over processes
+                column.append(float(rows[:, 4 + i].nanmean()))
             stop_now = bool(rows[:, 2].any())
             if not engine.step():
                 continue  # more micro-batches to accumulate
@@ -366,7 +367,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
                           "samples_per_s": rate, "samples_seen": samples_seen,
                           "epoch": stream.epoch if not cfg.data.resampled or not n_train
                           else samples_seen / n_train,
-                          "logit_scale": float(scale.detach()), "grad_norm": engine.grad_norm(),
+                          **{name: sum(v) / len(v) for name, v in
+                             zip(recipe.metric_names, step_metrics)},
+                          "grad_norm": engine.grad_norm(),
                           "skipped": all_skipped, "bad_steps": bad_steps_total,
                           "fp16_overflow_steps": engine.overflow_steps,
                           "data_digest": step_digest.hexdigest()[:16],
@@ -375,6 +378,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
                 if tensorboard:
                     tensorboard.write(step, {f"train/{k}": v for k, v in record.items()})
             step_losses, step_samples, step_digest = [], 0, hashlib.sha1()
+            step_metrics = [[] for _ in recipe.metric_names]
             if stop_now:
                 save(step)
                 last_saved, stopped_early = step, True
@@ -400,20 +404,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
         return metrics
 
     # The model directory: full fp32 weights, merged from ZeRO partitions when there are any.
-    final = ckpt_root / f"step_{engine.global_step:08d}"
-    weights = engine.consolidated_state_dict(final)
-    consolidated = DualTower(cfg.model, tokenizer.vocab_size)
-    consolidated.load_state_dict(weights)
-    pretrained = Pretrained(consolidated, tokenizer, eval_tf)
-    pretrained.save(out_dir / "model")
+    weights = engine.consolidated_state_dict(ckpt_root / f"step_{engine.global_step:08d}")
     say(f"trained {engine.global_step} steps, {samples_seen} samples in {train_time:.0f} s; "
         f"skipped samples: {format_skips(skipped)}")
-    if cfg.eval.at_end and val_spec:
-        from vlp.eval.retrieval import evaluate_retrieval, format_table
-        pretrained.model.eval()
-        metrics.update(evaluate_retrieval(pretrained, val_spec, batch_size=cfg.eval.batch_size,
-                                          progress=progress))
-        say(format_table(metrics))
+    metrics.update(recipe.finish(weights, out_dir, val_spec, progress))
     metrics["total_time_s"] = round(time.time() - t_start, 1)
     log.write({"step": engine.global_step, "event": "end", **metrics})
     log.close()

@@ -2,6 +2,8 @@
 
 PatchEmbed: image -> (class token +) patch tokens with learned or fixed 2-D sin-cos positions.
 TextEmbed:  token ids -> token + learned position embeddings.
+BertEmbed:  BERT's embeddings: (token ids, or embeddings the caller built, e.g. visual tokens)
+            + position + token type, then LayerNorm.
 """
 from __future__ import annotations
 
@@ -79,3 +81,61 @@ class TextEmbed(nn.Module):
         if L > self.context_length:
             raise ValueError(f"sequence length {L} exceeds context_length={self.context_length}")
         return self.token_embed(input_ids) + self.pos_embed[:, :L]  # (B, L, width)
+
+
+class BertEmbed(nn.Module):
+    """BERT's input embeddings: word + learned absolute position + token type (segment), summed,
+    then LayerNorm (Devlin et al. 2019, Fig. 2; HF's BertEmbeddings without its dropout).
+    Post-LN BERT layers (Transformer(norm_first=False)) expect this normalised input.
+
+    Two ways in, as in HF's BertEmbeddings:
+    - text: `embed(input_ids, token_type_ids, position_ids)`, ids (B, L);
+    - tokens whose content embedding the caller builds itself (VL-BERT's visual tokens, already
+      projected to `width`): `embed(inputs_embeds=v, token_type_ids=..., position_ids=...)`,
+      v (B, N, width): the position and token-type embeddings are added, then the LayerNorm.
+    For one joint sequence either embed the parts separately and concatenate (the LayerNorm is
+    per token, so it is the same thing), or concatenate `embed.token_embed(input_ids)` with the
+    visual embeddings and call it once with `inputs_embeds=`. Visual tokens take token_type 1
+    (VL-BERT, UNITER) and whatever positions the caller chooses.
+    """
+
+    def __init__(self, vocab_size: int, width: int, max_positions: int = 512,
+                 type_vocab_size: int = 2, norm_eps: float = 1e-12, pad_id: int = 0):
+        super().__init__()
+        self.max_positions = max_positions
+        self.type_vocab_size = type_vocab_size
+        # padding_idx as in BERT: the pad row starts at zero and gets no gradient
+        self.token_embed = nn.Embedding(vocab_size, width, padding_idx=pad_id)
+        self.pos_embed = nn.Embedding(max_positions, width)
+        self.type_embed = nn.Embedding(type_vocab_size, width)
+        self.ln = nn.LayerNorm(width, eps=norm_eps)
+        for emb in (self.token_embed, self.pos_embed, self.type_embed):
+            nn.init.normal_(emb.weight, std=0.02)  # BERT's initializer_range
+        with torch.no_grad():
+            self.token_embed.weight[pad_id].zero_()
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Exactly one of input_ids (B, L) / inputs_embeds (B, L, width) -> (B, L, width).
+
+        token_type_ids (B, L): default all 0 (the first segment). position_ids (B, L) or (L,):
+        default arange(L); given ones must be < max_positions.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("BertEmbed needs exactly one of input_ids (B, L) or "
+                             "inputs_embeds (B, L, width)")
+        x = self.token_embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, L, _ = x.shape
+        if position_ids is None:
+            if L > self.max_positions:
+                raise ValueError(f"sequence length {L} exceeds max_positions="
+                                 f"{self.max_positions} (the position table's size)")
+            position_ids = torch.arange(L, device=x.device)  # (L,), broadcasts over B
+        x = x + self.pos_embed(position_ids)
+        if token_type_ids is None:
+            x = x + self.type_embed.weight[0]  # type 0 everywhere, without a (B, L) zeros tensor
+        else:
+            x = x + self.type_embed(token_type_ids)
+        return self.ln(x)  # (B, L, width)

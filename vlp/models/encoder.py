@@ -1,5 +1,7 @@
 """The one Transformer of vlp: pre-LN blocks on `scaled_dot_product_attention` (on CPU in bf16,
 short sequences take the same attention written out instead: see `attention_math`).
+`norm_first=False` gives BERT's post-LN blocks instead, so a Hugging Face BERT checkpoint loads
+into it (vlp/models/bert_init.py).
 
 Every tower (image, text) and the joint single-stream model use this module; what differs
 between them is only the embedding in front and the attention mask passed in. Masks are boolean
@@ -54,7 +56,10 @@ def make_activation(name: str) -> nn.Module:
         return QuickGELU()
     if name == "relu":
         return nn.ReLU()
-    raise ValueError(f"unknown activation {name!r}; choose one of gelu, quick_gelu, relu")
+    if name == "gelu_tanh":  # the tanh approximation (HF's gelu_new / gelu_pytorch_tanh)
+        return nn.GELU(approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; choose one of gelu, quick_gelu, relu, "
+                     "gelu_tanh")
 
 
 def build_attention_mask(kind: MaskKind, seq_len: int, *, padding_mask: torch.Tensor | None = None,
@@ -64,9 +69,11 @@ def build_attention_mask(kind: MaskKind, seq_len: int, *, padding_mask: torch.Te
 
     kind: "bidirectional" (every token sees every token), "causal" (j <= i), or "prefix"
     (prefix-LM: the first `prefix_len` tokens see each other bidirectionally, later tokens see the
-    prefix plus earlier tokens). `padding_mask` (B, L) with 1 = real token hides padded keys.
-    Returns None for a plain bidirectional mask without padding (SDPA's fastest path), else a
-    tensor of shape (B or 1, 1, L, L).
+    prefix plus earlier tokens). `padding_mask` (B, L) with 1 = real token hides padded keys:
+    they get exactly zero weight, as under BERT's additive mask, while padded queries still
+    attend the real keys (so BERT's outputs match at every position). Returns None for a plain
+    bidirectional mask without padding (SDPA's fastest path), else a tensor of shape
+    (B or 1, 1, L, L).
     """
     if padding_mask is not None:
         device = padding_mask.device
@@ -159,10 +166,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN residual block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Residual block. Pre-LN (norm_first=True, GPT-2/CLIP/ViT): x + attn(ln_1(x)), then
+    x + mlp(ln_2(x)). Post-LN (norm_first=False, BERT): ln_1(x + attn(x)), then
+    ln_2(x + mlp(x)); ln_1/ln_2 are BERT's attention.output.LayerNorm / output.LayerNorm.
+    """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, norm_eps: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, norm_eps: float,
+                 norm_first: bool = True):
         super().__init__()
+        self.norm_first = norm_first
         self.ln_1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
@@ -170,20 +182,26 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
-        return x + self.mlp(self.ln_2(x))
+        if self.norm_first:
+            x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, attn_mask, is_causal))
+        return self.ln_2(x + self.mlp(x))
 
 
 class Transformer(nn.Module):
-    """A stack of pre-LN blocks with a final LayerNorm."""
+    """A stack of blocks: pre-LN with a final LayerNorm `ln_f` (default), or BERT's post-LN
+    (norm_first=False), whose blocks end in a LayerNorm already, so `ln_f` is an Identity there
+    (no parameters: the state dict holds the blocks and nothing else)."""
 
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
-                 act: str = "gelu", norm_eps: float = 1e-5):
+                 act: str = "gelu", norm_eps: float = 1e-5, norm_first: bool = True):
         super().__init__()
         self.width = width
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, norm_eps)
+        self.norm_first = norm_first
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, norm_eps, norm_first)
                                     for _ in range(layers))
-        self.ln_f = nn.LayerNorm(width, eps=norm_eps)
+        self.ln_f = nn.LayerNorm(width, eps=norm_eps) if norm_first else nn.Identity()
         self.grad_checkpointing = False
         self._init_weights(layers)
 
