@@ -161,3 +161,58 @@ def test_regions_without_region_files_names_the_fix(shapes, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "regions.npz" in err and "vlp data regions" in err
+
+
+def test_vlp_data_regions_tool(shapes, tmp_path):
+    """`vlp data regions` writes .regions.npz from a model's vision tower and the json boxes;
+    the shards it writes train `model.visual_tokens=regions` directly."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    import vlp
+    from vlp.api import Pretrained
+    from vlp.data.shards import expand_urls
+    from vlp.data.transforms import ImageTransform
+    from vlp.models import DualTower
+    from vlp.models.regions import RoIRegionFeatures
+    from vlp.tokenizer import iter_captions, train_tokenizer
+
+    tok = train_tokenizer(iter_captions(expand_urls(f"{shapes}/train")), vocab_size=200)
+    cfg = ModelConfig()
+    cfg.vision.width, cfg.vision.layers, cfg.vision.heads = 32, 1, 2
+    cfg.text.width, cfg.text.layers, cfg.text.heads = 32, 1, 2
+    torch.manual_seed(0)
+    model_dir = Pretrained(DualTower(cfg, tok.vocab_size), tok,
+                           ImageTransform(64, train=False)).save(tmp_path / "model")
+    out = tmp_path / "with_regions"
+    assert main(["data", "regions", "--model", str(model_dir), "--data", f"{shapes}/val",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    with tarfile.open(out / "00000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    key = sorted(n for n in members if n.endswith(".jpg"))[0][:-4]
+    npz = np.load(io.BytesIO(members[f"{key}.regions.npz"]))
+    meta = json.loads(members[f"{key}.json"])
+    assert npz["features"].shape == (len(meta["objects"]), 32)
+    np.testing.assert_array_equal(npz["boxes"], [o["box"] for o in meta["objects"]])
+    names = json.loads((shapes / "MANIFEST.json").read_text())["regions"]["object_labels"]
+    assert npz["labels"].tolist() == [names.index(o["label"]) for o in meta["objects"]]
+    # the features are the vision tower's patch grid pooled over the boxes
+    loaded = vlp.load(model_dir)
+    image = Image.open(io.BytesIO(members[f"{key}.jpg"])).convert("RGB")
+    with torch.no_grad():
+        tokens = loaded.model.visual.forward_features(loaded.transform(image)[None])[:, 1:]
+        grid = tokens.transpose(1, 2).reshape(1, 32, 8, 8)
+        boxes, _ = loaded.transform.map_boxes(np.asarray(npz["boxes"]), image.size)
+        want = RoIRegionFeatures()(grid, torch.as_tensor(boxes)[None],
+                                   torch.ones(1, len(boxes), dtype=torch.bool))[0]
+    np.testing.assert_allclose(npz["features"], want.numpy(), rtol=1e-5, atol=1e-6)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--out", str(run), "--no-progress", f"data.train={out}",
+                 "data.num_workers=1", "eval.at_end=false", "model.visual_tokens=regions",
+                 *TINY]) == 0
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["region_feature_dim"] == 32 and config["region_labels"] == names

@@ -4,6 +4,7 @@
         (one process, or every process of `deepspeed --num_gpus N --module vlp pretrain ...`
         or `torchrun --nproc_per_node N -m vlp pretrain ...`)
     vlp data synth --out DIR [--images N] [--val-images N] [--seed S] [--image-size PX]
+    vlp data regions --model DIR --data SHARDS --out DIR
     vlp tokenizer train --data SHARDS --out FILE [--vocab-size N]
     vlp eval retrieval --model DIR --data SHARDS [--out FILE] [--batch-size N]
 """
@@ -41,6 +42,18 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
                         image_size=args.image_size, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in manifest.items() if not isinstance(v, (dict, list))},
                      indent=2))
+    return 0
+
+
+def _cmd_data_regions(args: argparse.Namespace) -> int:
+    from vlp.data.extract_regions import extract_regions
+    from vlp.data.shards import expand_urls
+    from vlp.recipes.single_stream import manifest_regions
+
+    labels = manifest_regions(expand_urls(args.data)).get("object_labels", [])
+    counts = extract_regions(args.model, args.data, args.out, label_names=labels,
+                             batch_size=args.batch_size, progress=not args.no_progress)
+    print(json.dumps(counts, indent=2))
     return 0
 
 
@@ -94,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_data_synth)
+    p = data.add_parser("regions", help="write {key}.regions.npz region features for shards "
+                        "from a trained vision encoder and the json boxes")
+    p.add_argument("--model", required=True, help="model directory with a vision tower "
+                   "(OUT/model of a dual-tower run)")
+    p.add_argument("--data", required=True, help="shard spec (local shards)")
+    p.add_argument("--out", required=True, help="folder for the shards with regions")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_data_regions)
 
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd",
                                                                         required=True)

@@ -23,12 +23,15 @@ from vlp.objectives.masking import IGNORE, continuation_table, mask_regions, mas
     mismatch_pairs
 from vlp.tokenizer import Tokenizer
 
-REGION_TOOL = "vlp data regions --model RUN/model --data SHARDS"
+REGION_TOOL = "vlp data regions --model RUN/model --data SHARDS --out DIR"
 
 
 def manifest_regions(urls: list[str]) -> dict:
     """The `regions` block of a MANIFEST.json beside the shard folder (the shapes world writes
     one: label names for the .regions.npz labels and for the json objects), else {}."""
+    extracted = Path(urls[0]).parent / "regions_extraction.json"  # from `vlp data regions`
+    if extracted.is_file():
+        return {"labels": json.loads(extracted.read_text()).get("labels", [])}
     manifest = Path(urls[0]).parent.parent / "MANIFEST.json"
     if manifest.is_file():
         return json.loads(manifest.read_text()).get("regions", {})
