@@ -87,7 +87,9 @@ def test_joint_sequence_and_blanked_visual_tokens(kind):
               "region_features": torch.randn(3, 4, 12),
               "region_boxes": torch.tensor([[0.1, 0.1, 0.5, 0.5]]).repeat(3, 4, 1),
               "region_mask": torch.tensor([[1, 1, 1, 0]] * 3).bool()}
-    other = {k: (v + 1 if v.dtype == torch.float32 and k != "region_boxes" else v)
+    noise = torch.Generator().manual_seed(1)
+    other = {k: (v + torch.randn(v.shape, generator=noise)
+                 if v.dtype == torch.float32 and k != "region_boxes" else v)
              for k, v in visual.items()}
     h, _ = model.hidden_states(ids, mask, **visual)
     n_visual = 64 // 8 * (64 // 8) if kind == "patches" else 4

@@ -141,12 +141,20 @@ def box_geometry(boxes: torch.Tensor) -> torch.Tensor:
 class RegionEmbed(nn.Module):
     """Region feature + box -> one visual token (UNITER's ImageEmbeddings, without dropout).
 
-    LayerNorm(Linear(feature)) + LayerNorm(Linear(box_geometry(box))), then a final LayerNorm.
-    Token-type and position embeddings are added by the caller (e.g. BertEmbed's inputs_embeds).
+    LayerNorm(Linear(standardised feature)) + LayerNorm(Linear(box_geometry(box))), then a
+    final LayerNorm. Token-type and position embeddings are added by the caller (e.g.
+    BertEmbed's inputs_embeds).
+
+    The raw features are first standardised per region (`feature_in`, a LayerNorm over the
+    feature dims): detector and thumbnail features are non-negative with a large common
+    offset, and projected as they are, every region starts out as nearly the same token. On the
+    shapes world without it, masked colour/shape words were no better predicted with the
+    regions than without them after 250 steps; with it, 61% vs 19% (bench/README.md).
     """
 
     def __init__(self, feature_dim: int, width: int, norm_eps: float = 1e-12):
         super().__init__()
+        self.feature_in = nn.LayerNorm(feature_dim, eps=1e-5)
         self.feature_proj = nn.Linear(feature_dim, width)
         self.feature_norm = nn.LayerNorm(width, eps=norm_eps)
         self.box_proj = nn.Linear(7, width)
@@ -158,7 +166,7 @@ class RegionEmbed(nn.Module):
 
     def forward(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """features (B, R, feature_dim), boxes (B, R, 4) normalised -> (B, R, width)."""
-        x = self.feature_norm(self.feature_proj(features))  # (B, R, width)
+        x = self.feature_norm(self.feature_proj(self.feature_in(features)))  # (B, R, width)
         geometry = box_geometry(boxes).to(x.dtype)  # (B, R, 7)
         return self.norm(x + self.box_norm(self.box_proj(geometry)))  # (B, R, width)
 
