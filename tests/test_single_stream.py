@@ -218,3 +218,52 @@ def test_vlp_data_regions_tool(shapes, tmp_path):
                  *TINY]) == 0
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["region_feature_dim"] == 32 and config["region_labels"] == names
+
+
+def test_hard_negatives_follow_similarity():
+    from vlp.models.combined import hard_negatives
+
+    sim = torch.tensor([[9.0, 8.0, -9.0], [0.0, 9.0, 0.0], [-9.0, 8.0, 9.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([hard_negatives(sim, generator=g) for _ in range(200)])
+    assert (draws != torch.arange(3)).all()  # never the positive
+    assert (draws[:, 0] == 1).float().mean() > 0.99  # row 0: column 1 is far more similar
+    assert 0.3 < (draws[:, 1] == 0).float().mean() < 0.7  # row 1: a tie between 0 and 2
+
+
+def test_combined_recipe_runs(shapes, tmp_path):
+    import vlp
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--no-progress", f"data.train={shapes}/train",
+                 f"data.val={shapes}/val", "recipe=combined", "model.embed_dim=32",
+                 "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2",
+                 "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
+                 "model.text.mask=bidirectional", "model.text.pool=cls",
+                 "model.fusion.width=32", "model.fusion.layers=1", "model.fusion.heads=2",
+                 "tokenizer.vocab_size=200", "train.batch_size=16", "train.log_every=1",
+                 "train.save_every=0", "train.steps=3"]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r and "event" not in r]
+    assert all(k in steps[-1] for k in ("itc_loss", "itm_acc", "mlm_loss"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("i2t_R@1", "attr_mlm_acc", "attr_mlm_text_only_acc", "itm_acc"):
+        assert key in metrics
+    towers = vlp.load(out / "model")  # the dual tower part loads like a dual-tower run's
+    assert towers.encode_text(["a red circle"]).shape == (1, 32)
+
+
+def test_combined_config_errors(tmp_path, capsys):
+    assert main(["pretrain", "--out", str(tmp_path / "r"), "recipe=combined"]) == 2
+    assert "model.text.mask=bidirectional" in capsys.readouterr().err
+
+
+def test_attribute_words_found_after_the_tokenizer_padded(shapes):
+    from vlp.data.shards import expand_urls
+    from vlp.eval.single_stream import attribute_token_ids
+    from vlp.tokenizer import iter_captions, train_tokenizer
+
+    tok = train_tokenizer(iter_captions(expand_urls(f"{shapes}/train")), vocab_size=200)
+    before = attribute_token_ids(tok)
+    tok(["a red circle"], 16)  # turns on padding to 16 in the HF tokenizer
+    assert len(before) >= 8 and torch.equal(attribute_token_ids(tok), before)

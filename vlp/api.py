@@ -85,9 +85,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
         raise FileNotFoundError(f"{path} is not a vlp model directory: missing {', '.join(missing)}"
                                 " (a run writes one to OUT/model)")
     config = json.loads((path / "config.json").read_text())
-    if config.get("architecture") != "dual_tower":
+    # a combined (ALBEF-style) run's directory holds its dual tower in model.safetensors
+    if config.get("architecture") not in ("dual_tower", "combined"):
         raise ValueError(f"{path}/config.json: architecture {config.get('architecture')!r} is not "
-                         "supported by vlp.load (expected 'dual_tower')")
+                         "supported by vlp.load (expected 'dual_tower' or 'combined')")
     model_cfg = from_dict(ModelConfig, config["model"])
     model = DualTower(model_cfg)
     state = load_file(str(path / "model.safetensors"))

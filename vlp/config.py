@@ -160,8 +160,9 @@ class LoggingConfig:
 
 @dataclass
 class PretrainConfig:
-    # dual_tower: CLIP (contrastive); single_stream: VL-BERT/UNITER (MLM, MRM, ITM)
-    recipe: Literal["dual_tower", "single_stream"] = "dual_tower"
+    # dual_tower: CLIP (contrastive); single_stream: VL-BERT/UNITER (MLM, MRM, ITM);
+    # combined: ALBEF-style ITC on the towers + ITM (hard negatives) and MLM on fusion layers
+    recipe: Literal["dual_tower", "single_stream", "combined"] = "dual_tower"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -298,6 +299,14 @@ def validate(cfg: PretrainConfig) -> None:
                               f"model.text.context_length={t.context_length}")
         if cfg.model.max_regions <= 0:
             raise ConfigError(f"model.max_regions={cfg.model.max_regions} must be > 0")
+    if cfg.recipe == "combined":
+        if not f.width == t.width == v.width:
+            raise ConfigError(f"recipe=combined fuses the towers' tokens: model.fusion.width "
+                              f"({f.width}), model.text.width ({t.width}) and "
+                              f"model.vision.width ({v.width}) must be equal")
+        if t.mask != "bidirectional":
+            raise ConfigError("recipe=combined runs MLM on the text tower: set "
+                              "model.text.mask=bidirectional (and model.text.pool=cls)")
     o = cfg.objectives
     for key in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
         if not 0.0 <= getattr(o, key) <= 1.0:

@@ -29,7 +29,9 @@ def attribute_token_ids(tokenizer) -> torch.Tensor:
     """Ids of the colour/shape words that are one token in this vocabulary."""
     ids = []
     for word in ATTRIBUTE_WORDS:
-        pieces = tokenizer.hf.encode(word, add_special_tokens=False).ids
+        enc = tokenizer.hf.encode(word, add_special_tokens=False)
+        # the tokenizer may be set to pad every encoding (Tokenizer.__call__ does): drop pads
+        pieces = [i for i, real in zip(enc.ids, enc.attention_mask) if real]
         if len(pieces) == 1:
             ids.append(pieces[0])
     return torch.tensor(sorted(set(ids)), dtype=torch.long)

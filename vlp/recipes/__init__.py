@@ -20,4 +20,8 @@ def build_recipe(cfg: PretrainConfig, tokenizer, train_urls: list[str], world_si
         from vlp.recipes.single_stream import SingleStreamRecipe
 
         return SingleStreamRecipe(cfg, tokenizer, train_urls, world_size)
+    if cfg.recipe == "combined":
+        from vlp.recipes.combined import CombinedRecipe
+
+        return CombinedRecipe(cfg, tokenizer, world_size)
     raise ValueError(f"unknown recipe {cfg.recipe!r}")
