@@ -187,8 +187,8 @@ class _StopRequests:
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = None,
              progress: bool = True) -> dict:
-    """Train a dual tower per `cfg` on this process's share of the data (all processes of a
-    launch call this), write checkpoints, the model directory (`OUT/model`) and evaluation
+    """Train `cfg.recipe`'s model (vlp/recipes) on this process's share of the data (all
+    processes of a launch call this), write checkpoints, the model directory (`OUT/model`) and evaluation
     metrics (`OUT/metrics.json`, rank 0). Returns the metrics."""
     out_dir = Path(out_dir)
     t_start = time.time()
