@@ -95,9 +95,14 @@ def tokenizer_path(shapes):
     return f"tokenizer.path={path}"
 
 
-def _losses(out):
+def _records(out):
+    """The per-step records of a run's train_log.jsonl."""
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return {r["step"]: (r["loss"], r["data_digest"]) for r in log if "loss" in r}
+    return [r for r in log if "loss" in r and "event" not in r]
+
+
+def _losses(out):
+    return {r["step"]: (r["loss"], r["data_digest"]) for r in _records(out)}
 
 
 def test_resume_from_a_checkpoint_continues_exactly(shapes, tmp_path, tokenizer_path):
@@ -299,10 +304,8 @@ def test_resampled_mode_counts_epochs_in_samples(shapes, tmp_path, tokenizer_pat
     assert main(["pretrain", "--out", str(out), "--no-progress", f"data.train={shapes}/train",
                  "data.resampled=true", "eval.at_end=false", "train.steps=3", "train.log_every=1",
                  "train.save_every=0", tokenizer_path, *TINY]) == 0
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    records = [r for r in log if "loss" in r and "event" not in r]
     # 192 training samples, 16 per step
-    assert [r["epoch"] for r in records] == pytest.approx([16 / 192, 32 / 192, 48 / 192])
+    assert [r["epoch"] for r in _records(out)] == pytest.approx([16 / 192, 32 / 192, 48 / 192])
 
 
 def test_grad_accumulation_takes_micro_batches_per_step(shapes, tmp_path, tokenizer_path):
@@ -310,6 +313,5 @@ def test_grad_accumulation_takes_micro_batches_per_step(shapes, tmp_path, tokeni
     assert main(["pretrain", "--out", str(out), "--no-progress", f"data.train={shapes}/train",
                  "train.grad_accum=3", "eval.at_end=false", "train.steps=2", "train.log_every=1",
                  "train.save_every=0", tokenizer_path, *TINY]) == 0
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["samples_seen"] for r in log if "loss" in r and "event" not in r] == [48, 96]
+    assert [r["samples_seen"] for r in _records(out)] == [48, 96]
     assert json.loads((out / "metrics.json").read_text())["train_steps"] == 2

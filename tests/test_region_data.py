@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from test_data import good, image_bytes, keys_of, tok, write_tar  # noqa: F401
+from test_data import drain, good, image_bytes, keys_of, tok, write_tar  # noqa: F401
+from test_synth import _samples
 from vlp.config import ConfigError
-from vlp.data import (Batch, ImageTransform, RegionError, SkipCounter, StreamPosition,
-                      accumulate, has_region_files, iter_captions, iter_eval_samples, make_loader,
+from vlp.data import (ImageTransform, RegionError, SkipCounter, StreamPosition,
+                      has_region_files, iter_captions, iter_eval_samples, make_loader,
                       read_regions, region_feature_dim)
 from vlp.data.synth import SHAPES, generate, object_label_names, region_label_names
 from vlp.tokenizer import train_tokenizer
@@ -57,14 +58,6 @@ def loader(urls, tok, **kw):  # noqa: F811
     return make_loader(urls, **args)
 
 
-def drain(dl) -> tuple[list[Batch], dict]:
-    batches, skipped = [], {}
-    for b in dl:
-        accumulate(skipped, b.skipped)
-        batches.append(b)
-    return batches, skipped
-
-
 def by_key(batches) -> dict[str, dict]:
     """key -> that sample's real (unpadded) regions as numpy."""
     out = {}
@@ -75,15 +68,6 @@ def by_key(batches) -> dict[str, dict]:
                         "labels": b.region_labels[i][m].numpy(),
                         "features": None if b.region_features is None
                         else b.region_features[i][m].numpy()}
-    return out
-
-
-def tar_samples(path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            key, ext = m.name.split(".", 1)
-            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return out
 
 
@@ -114,7 +98,7 @@ def test_shapes_world_region_features(world, wtok):
     assert manifest["regions"]["dim"] == 198
     assert has_region_files(str(world / "train")) and has_region_files(str(world / "val"))
     assert region_feature_dim(str(world / "train")) == 198
-    raw = {k: v for p in sorted((world / "train").glob("*.tar")) for k, v in tar_samples(p).items()}
+    raw = {k: v for p in sorted((world / "train").glob("*.tar")) for k, v in _samples(p).items()}
 
     batches, skipped = drain(loader(str(world / "train"), wtok, visual="regions", batch_size=5,
                                     region_labels=region_label_names()))
@@ -151,7 +135,7 @@ def test_shapes_world_region_features(world, wtok):
 
 def test_shapes_world_roi_align(world, wtok):
     names = object_label_names()
-    raw = {k: v for p in sorted((world / "val").glob("*.tar")) for k, v in tar_samples(p).items()}
+    raw = {k: v for p in sorted((world / "val").glob("*.tar")) for k, v in _samples(p).items()}
     batches, skipped = drain(loader(str(world / "val"), wtok, visual="roi_align",
                                     region_labels=names))
     assert skipped == {} and sorted(keys_of(batches)) == sorted(raw)

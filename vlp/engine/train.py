@@ -360,9 +360,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{engine.lr:.2e}",
                             samples_s=f"{rate:.0f}")
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                all_skipped = _total_skips(skipped, world)
-            if log and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            log_step = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            if log_step:
+                all_skipped = _total_skips(skipped, world)  # a collective: every rank
+            if log and log_step:
                 record = {"step": step, "loss": loss_value, "lr": engine.lr,
                           "samples_per_s": rate, "samples_seen": samples_seen,
                           "epoch": stream.epoch if not cfg.data.resampled or not n_train

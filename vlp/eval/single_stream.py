@@ -19,7 +19,7 @@ from tqdm import tqdm
 from vlp.data.pipeline import make_loader
 from vlp.data.synth import COLORS, SHAPES
 from vlp.data.transforms import ImageTransform
-from vlp.objectives.masking import IGNORE, mask_regions, mask_tokens
+from vlp.objectives.masking import IGNORE, mask_regions, mask_tokens, mask_words
 
 ATTRIBUTE_WORDS = sorted(set(COLORS) | set(SHAPES) | {s + "s" for s in SHAPES} |
                          {"crosses"})
@@ -73,9 +73,7 @@ def evaluate_single_stream(model, recipe, data: str, *, batch_size: int = 128,
         g = torch.Generator().manual_seed(i)
         masked, labels = mask_tokens(ids, mask, prob=0.15, special_ids=recipe.special_ids,
                                      mask_id=tok.mask_id, vocab_size=tok.vocab_size, generator=g)
-        is_attr = torch.isin(ids, attr_ids) & mask.bool()
-        attr_in = torch.where(is_attr, torch.full_like(ids, tok.mask_id), ids)
-        attr_labels = torch.where(is_attr, ids, torch.full_like(ids, IGNORE))
+        attr_in, attr_labels, is_attr = mask_words(ids, mask, attr_ids, tok.mask_id)
         shifted = torch.roll(torch.arange(len(batch)), 1)
         itm_ids = torch.cat([ids, ids[shifted]])
         itm_mask = torch.cat([mask, mask[shifted]])

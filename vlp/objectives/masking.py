@@ -11,6 +11,22 @@ import torch
 IGNORE = -100  # label value cross_entropy skips
 
 
+def special_token_ids(tokenizer) -> torch.Tensor:
+    """Ids that masking never picks: padding, [CLS], [SEP], [MASK] (those the vocabulary has)."""
+    return torch.tensor([i for i in (tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id,
+                                     tokenizer.mask_id) if i is not None])
+
+
+def mask_words(input_ids: torch.Tensor, attention_mask: torch.Tensor, word_ids: torch.Tensor,
+               mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every occurrence of `word_ids` replaced by [MASK] (deterministic, for evaluation) ->
+    (corrupted ids, labels with IGNORE elsewhere, the chosen positions)."""
+    chosen = torch.isin(input_ids, word_ids) & attention_mask.bool()
+    corrupted = torch.where(chosen, torch.full_like(input_ids, mask_id), input_ids)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    return corrupted, labels, chosen
+
+
 def continuation_table(tokenizer) -> torch.Tensor:
     """(vocab,) bool: True for WordPiece continuation pieces ('##ing'), which belong to the
     word of the token before them (for whole-word masking)."""

@@ -20,7 +20,8 @@ from vlp.config import ConfigError, PretrainConfig, to_dict
 from vlp.data.transforms import ImageTransform
 from vlp.models.combined import Combined
 from vlp.objectives import clip_loss, distributed_clip_loss
-from vlp.objectives.masking import IGNORE, continuation_table, mask_tokens
+from vlp.objectives.masking import IGNORE, continuation_table, mask_tokens, mask_words, \
+    special_token_ids
 from vlp.recipes.single_stream import SingleStreamRecipe
 from vlp.tokenizer import Tokenizer
 
@@ -37,9 +38,7 @@ class CombinedRecipe:
                               "model.text.mask=bidirectional (and model.text.pool=cls)")
         self.cfg, self.tokenizer = cfg, tokenizer
         self._itc = distributed_clip_loss if world_size > 1 else clip_loss
-        self.special_ids = torch.tensor([i for i in (tokenizer.pad_id, tokenizer.cls_id,
-                                                     tokenizer.sep_id, tokenizer.mask_id)
-                                         if i is not None])
+        self.special_ids = special_token_ids(tokenizer)
         self.continuation = continuation_table(tokenizer) if cfg.objectives.whole_word else None
 
     def loader_kwargs(self) -> dict:
@@ -110,9 +109,7 @@ class CombinedRecipe:
             if not len(batch):
                 continue
             ids, mask = batch.input_ids, batch.attention_mask
-            is_attr = torch.isin(ids, attr) & mask.bool()
-            masked = torch.where(is_attr, torch.full_like(ids, self.tokenizer.mask_id), ids)
-            labels = torch.where(is_attr, ids, torch.full_like(ids, IGNORE))
+            masked, labels, _ = mask_words(ids, mask, attr, self.tokenizer.mask_id)
             for blank, suffix in ((False, ""), (True, "_text_only")):
                 out = model(batch.pixel_values, ids, mask, masked, labels, blank_visual=blank)
                 acc["attr_mlm" + suffix].add(out["mlm_logits"], labels[labels != IGNORE])

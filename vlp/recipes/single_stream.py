@@ -20,7 +20,7 @@ from vlp.config import ConfigError, PretrainConfig, to_dict
 from vlp.data.pipeline import region_feature_dim
 from vlp.models.single_stream import SingleStream
 from vlp.objectives.masking import IGNORE, continuation_table, mask_regions, mask_tokens, \
-    mismatch_pairs
+    mismatch_pairs, special_token_ids
 from vlp.tokenizer import Tokenizer
 
 REGION_TOOL = "vlp data regions --model RUN/model --data SHARDS --out DIR"
@@ -80,9 +80,7 @@ class SingleStreamRecipe:
         if tokenizer.mask_id is None:
             raise ConfigError("single_stream pretraining masks words: the tokenizer has no [MASK] "
                               "token (tokenizer.path); use a BERT-style vocabulary")
-        self.special_ids = torch.tensor([i for i in (tokenizer.pad_id, tokenizer.cls_id,
-                                                     tokenizer.sep_id, tokenizer.mask_id)
-                                         if i is not None])
+        self.special_ids = special_token_ids(tokenizer)
         o = cfg.objectives
         self.continuation = continuation_table(tokenizer) if o.whole_word else None
         self.feature_dim, self.label_names = 0, []
