@@ -43,6 +43,9 @@ class VisionConfig(EncoderConfig):
     patch_size: int = 8
     pos_embed: Literal["learned", "sincos"] = "learned"
     pool: Literal["cls", "mean"] = "cls"
+    # a LayerNorm on the embeddings before the first block (CLIP's `ln_pre` / HF's
+    # `pre_layrnorm`); needed to load or export CLIP weights
+    pre_norm: bool = False
 
 
 @dataclass
@@ -173,6 +176,100 @@ class PretrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# Fine-tuning (vlp finetune TASK): one config class, a block per task
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FinetuneDataConfig:
+    """Where a benchmark's files are. Empty paths: the shapes world's benchmark files (generated
+    into the cache when missing; `synth_*` pick which one)."""
+
+    root: str = ""  # a benchmark folder; empty: the shapes world's `benchmarks/`
+    images: str = ""  # image folder; empty: the task's default under `root`
+    # per-image region files `{image file stem}.npz` (the regions.npz / bottom-up-attention
+    # layout, vlp/data/regions.py); needed by single-stream `regions` / `roi_align` backbones.
+    # Empty: ROOT/regions.
+    regions: str = ""
+    num_workers: int = 2
+    synth_dir: str = ""
+    synth_images: int = 20000
+    synth_seed: int = 0
+
+
+@dataclass
+class VQATaskConfig:
+    """VQA v2 files (official JSON). Empty: the shapes world's."""
+
+    train_questions: str = ""
+    train_annotations: str = ""
+    val_questions: str = ""
+    val_annotations: str = ""
+    # image file name under data.images; {image_id} and {subtype} (the questions file's
+    # data_subtype, e.g. train2014) are filled in. COCO 2014: COCO_{subtype}_{image_id:012d}.jpg
+    image_pattern: str = "{image_id:012d}.jpg"
+    num_answers: int = 3129  # the answer vocabulary: the most frequent N training answers
+    max_question_length: int = 24  # tokens, with [CLS]/[SEP]
+
+
+@dataclass
+class CaptionTaskConfig:
+    """COCO captions with a Karpathy-style split (dataset_coco.json)."""
+
+    karpathy: str = ""  # dataset_coco.json; empty: the shapes world's
+    annotations: str = ""  # COCO captions JSON for scoring; empty: built from the Karpathy split
+    max_length: int = 24  # generated tokens at most, and the training context
+    beam_size: int = 3  # 1: greedy
+    length_penalty: float = 1.0  # beam scores are divided by length ** length_penalty
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class VCRTaskConfig:
+    """VCR's official jsonl + image/metadata folder (vcr1images)."""
+
+    train: str = ""
+    val: str = ""
+    images: str = ""  # the folder img_fn / metadata_fn are relative to; empty: the shapes world's
+    max_length: int = 48  # tokens of question + answer (+ rationale)
+
+
+@dataclass
+class RetrievalTaskConfig:
+    """Caption/image pairs from a Karpathy-style split (COCO or Flickr30k dataset_*.json)."""
+
+    karpathy: str = ""  # empty: the shapes world's dataset_coco.json
+    rerank_k: int = 0  # > 0: re-rank each query's top k with the ITM head (fused backbones)
+
+
+@dataclass
+class FinetuneEvalConfig:
+    batch_size: int = 128
+    split: Literal["val", "test"] = "test"  # scored at the end of the run (Karpathy: test)
+
+
+def _finetune_train() -> TrainConfig:
+    return TrainConfig(steps=1000, batch_size=64, lr=2e-4, min_lr=1e-6, warmup_steps=100,
+                       weight_decay=0.01, save_every=250)
+
+
+@dataclass
+class FinetuneConfig:
+    task: Literal["vqa", "caption", "vcr", "retrieval"] = "vqa"
+    init_from: str = ""  # the pretrained model directory (OUT/model of `vlp pretrain`)
+    epochs: float = 0.0  # > 0: train.steps becomes this many passes over the training split
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    train: TrainConfig = field(default_factory=_finetune_train)
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    # dual-tower checkpoints have no joint layers: these fresh ones fuse their tokens (width
+    # and norm come from the towers)
+    fusion: FusionConfig = field(default_factory=lambda: FusionConfig(layers=2))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    vqa: VQATaskConfig = field(default_factory=VQATaskConfig)
+    caption: CaptionTaskConfig = field(default_factory=CaptionTaskConfig)
+    vcr: VCRTaskConfig = field(default_factory=VCRTaskConfig)
+    retrieval: RetrievalTaskConfig = field(default_factory=RetrievalTaskConfig)
+
+
+# --------------------------------------------------------------------------------------------
 # Strict loading
 # --------------------------------------------------------------------------------------------
 def _type_hints(cls: type) -> dict[str, Any]:
@@ -267,8 +364,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def validate(cfg: PretrainConfig) -> None:
+def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     """Cross-field checks that types alone cannot express."""
+    if isinstance(cfg, FinetuneConfig):
+        _validate_finetune(cfg)
+        return
     if not isinstance(cfg, PretrainConfig):
         return
     v, t = cfg.model.vision, cfg.model.text
@@ -311,6 +411,24 @@ def validate(cfg: PretrainConfig) -> None:
     for key in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
         if not 0.0 <= getattr(o, key) <= 1.0:
             raise ConfigError(f"objectives.{key}={getattr(o, key)} must be within [0, 1]")
+
+
+def _validate_finetune(cfg: FinetuneConfig) -> None:
+    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+                "train.grad_accum": cfg.train.grad_accum, "eval.batch_size": cfg.eval.batch_size,
+                "vqa.num_answers": cfg.vqa.num_answers, "caption.max_length": cfg.caption.max_length,
+                "caption.beam_size": cfg.caption.beam_size, "vcr.max_length": cfg.vcr.max_length}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    for key, value in (("epochs", cfg.epochs), ("train.warmup_steps", cfg.train.warmup_steps),
+                       ("data.num_workers", cfg.data.num_workers),
+                       ("retrieval.rerank_k", cfg.retrieval.rerank_k)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if not 0.0 <= cfg.caption.label_smoothing < 1.0:
+        raise ConfigError(f"caption.label_smoothing={cfg.caption.label_smoothing} must be within "
+                          "[0, 1)")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 2  # 2: regions.npz per train/val sample
+VERSION = 3  # 2: regions.npz per train/val sample; 3: benchmark region files, 2000 images
 
 # Saturated colours, far apart in RGB, all bright enough to stand out from the dark background.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -608,6 +608,9 @@ def _write_benchmarks(out: Path, n: int, seed: int, image_size: int, bar: tqdm) 
         split_counts[split] += 1
         file_name = f"{image_id:012d}.jpg"
         _write(bench / "images" / file_name, scene.jpeg)
+        # the same region features the shards carry, one file per image (BUTD's layout of
+        # per-image feature files); VCR's objects are these regions in the same order
+        _write(bench / "regions" / f"{image_id:012d}.npz", scene_regions_npz(scene))
 
         image = {"id": image_id, "file_name": file_name, "width": image_size,
                  "height": image_size, "license": 1}
@@ -679,7 +682,7 @@ def _write_benchmarks(out: Path, n: int, seed: int, image_size: int, bar: tqdm) 
 
 def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int = 1000,
              seed: int = 0, image_size: int = 64, shard_size: int | None = None,
-             benchmark_images: int = 600, progress: bool = True) -> dict:
+             benchmark_images: int = 2000, progress: bool = True) -> dict:
     """Write the shapes world under `out_dir` and return its manifest.
 
     MANIFEST.json is written last, so its presence marks a complete corpus.
@@ -727,6 +730,7 @@ def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int
                   "sizes": list(SIZES), "positions": list(POSITIONS)},
         "benchmarks": {
             "images": "benchmarks/images",
+            "regions": "benchmarks/regions",
             "splits": bench_splits,
             "vqa": {s: {"questions": f"benchmarks/vqa/v2_OpenEnded_mscoco_{s}_questions.json",
                         "annotations": f"benchmarks/vqa/v2_mscoco_{s}_annotations.json"}

@@ -8,7 +8,7 @@ from pathlib import Path
 from vlp.config import DataConfig, TokenizerConfig
 from vlp.tokenizer import Tokenizer, iter_captions, load_tokenizer, train_tokenizer
 
-SHAPES_FORMAT = "v2"  # bump when the generator's output changes, so caches regenerate
+SHAPES_FORMAT = "v3"  # bump when the generator's output changes, so caches regenerate
 
 
 def cache_root() -> Path:

@@ -28,6 +28,15 @@ from vlp.models.regions import RegionEmbed, RoIRegionFeatures
 TEXT, VISUAL = 0, 1  # segment (token type) ids
 
 
+def prefix_lm_mask(n_text: int, seq_len: int, device=None) -> torch.Tensor:
+    """(1, 1, T, T) bool for a sequence `text (n_text) | visual...`: words see earlier words and
+    every visual token; visual tokens see visual tokens only (the image is the LM's prefix)."""
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
+    allowed[:n_text, :n_text] = torch.ones(n_text, n_text, dtype=torch.bool, device=device).tril()
+    allowed[n_text:, :n_text] = False
+    return allowed[None, None]
+
+
 class MLMHead(nn.Module):
     """BERT's prediction head: dense + activation + LayerNorm, then the word embeddings
     transposed (tied) plus a bias."""
@@ -123,16 +132,32 @@ class SingleStream(nn.Module):
 
     # ------------------------------------------------------------------ the joint sequence
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               visual: torch.Tensor, visual_mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, L + R + 1, width) of `[CLS] text [SEP] | visual | [END]`."""
+               visual: torch.Tensor, visual_mask: torch.Tensor, *, causal_text: bool = False,
+               word_add: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (B, L + R + 1, width) of `[CLS] text [SEP] | visual | [END]`.
+
+        causal_text: the prefix-LM mask of captioning (UniLM's seq2seq mask, with the image as
+        the source): word i sees the visual tokens and words <= i; visual tokens see only
+        visual tokens, so they do not change as words are generated.
+        word_add (B, L, width): added to the word embeddings before position/segment and the
+        LayerNorm (VL-BERT's visual feature embedding of grounded words, VCR).
+        """
         b, n_text = input_ids.shape
-        text = self.text_embed(input_ids, token_type_ids=torch.zeros_like(input_ids))
+        zeros = torch.zeros_like(input_ids)
+        if word_add is None:
+            text = self.text_embed(input_ids, token_type_ids=zeros)
+        else:
+            words = self.text_embed.token_embed(input_ids)
+            text = self.text_embed(inputs_embeds=words + word_add.to(words.dtype),
+                                   token_type_ids=zeros)
         segment = self.text_embed.type_embed.weight[VISUAL]
         end = self.visual_norm(self.end_token + segment).expand(b, 1, -1).to(text.dtype)
         x = torch.cat([text, visual.to(text.dtype), end], dim=1)
         keep = torch.cat([attention_mask.bool(), visual_mask.bool(),
                           torch.ones(b, 1, dtype=torch.bool, device=x.device)], dim=1)
         mask = build_attention_mask("bidirectional", x.shape[1], padding_mask=keep)
+        if causal_text:
+            mask = mask & prefix_lm_mask(n_text, x.shape[1], x.device)
         return self.transformer(x, mask)
 
     def hidden_states(self, input_ids, attention_mask, *, pixel_values=None,

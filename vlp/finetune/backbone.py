@@ -1,0 +1,238 @@
+"""The pretrained part of a fine-tuned model: a joint (image + text) encoder built from a model
+directory of either pretraining family, with one interface for every task head.
+
+    backbone(input_ids, attention_mask, visual, causal_text=..., token_objects=...)
+        -> (B, L, width) hidden states of the word positions; [:, 0] is [CLS]
+
+- single_stream dirs (VL-BERT / UNITER / ViLT): the SingleStream model as pretrained, its
+  MLM head kept (captioning's word predictor) and its ITM head kept (re-ranking).
+- combined dirs (ALBEF style): the towers + fusion layers as pretrained.
+- dual_tower dirs (CLIP style): the towers as pretrained, plus fresh fusion layers
+  (FinetuneConfig.fusion) over [text tokens | image tokens] and a fresh word predictor tied to
+  the text tower's embeddings. Vision and text widths must be equal, as in the combined model.
+
+`visual` holds what the backbone's visual tokens need (`needs`): `pixel_values` (B, 3, H, W)
+and/or `region_features` (B, R, D), `region_boxes` (B, R, 4) normalised x1y1x2y2,
+`region_mask` (B, R). Grounded words (VCR: a word that names object k gets object k's visual
+embedding added, as VL-BERT does) take `token_objects` (B, L) long, -1 = none, indexing the
+objects: the regions themselves for region backbones, else `object_boxes` (B, N, 4) pooled by
+RoIAlign from the patch grid.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from vlp.config import FusionConfig, ModelConfig, from_dict, to_dict
+from vlp.data.transforms import ImageTransform
+from vlp.models.combined import Combined
+from vlp.models.encoder import build_attention_mask
+from vlp.models.regions import RoIRegionFeatures
+from vlp.models.single_stream import MLMHead, SingleStream, prefix_lm_mask
+from vlp.tokenizer import Tokenizer, load_tokenizer
+
+ARCHITECTURES = ("single_stream", "combined", "dual_tower")
+
+
+def read_model_dir(path: str | Path) -> dict:
+    """config.json of a vlp model directory, with a clear error when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory (a pretraining run writes one "
+                                "to OUT/model: vlp pretrain --out OUT ...)")
+    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json")
+               if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a vlp model directory: missing "
+                                f"{', '.join(missing)}")
+    return json.loads((path / "config.json").read_text())
+
+
+class Backbone(nn.Module):
+    def __init__(self, spec: dict, vocab_size: int):
+        """`spec`: {"architecture", "model": ModelConfig dict, "region_feature_dim",
+        "num_region_labels", "fusion": FusionConfig dict (dual_tower only)}; weights random
+        (load them with load_state_dict or `from_pretrained`)."""
+        super().__init__()
+        self.spec = dict(spec)
+        self.architecture = spec["architecture"]
+        cfg = from_dict(ModelConfig, spec["model"])
+        self.cfg = cfg
+        if self.architecture == "single_stream":
+            self.core = SingleStream(cfg, vocab_size,
+                                     region_feature_dim=spec.get("region_feature_dim", 0),
+                                     num_region_labels=spec.get("num_region_labels", 0),
+                                     heads=("mlm", "itm"))
+            self.visual_tokens = cfg.visual_tokens
+            self.width = cfg.fusion.width
+        elif self.architecture in ("combined", "dual_tower"):
+            if self.architecture == "dual_tower":
+                fusion = from_dict(FusionConfig, spec["fusion"])
+                # the fresh layers fuse tower tokens as they are: the towers' width and norm
+                fusion.width, fusion.norm_eps = cfg.text.width, cfg.text.norm_eps
+                fusion.norm_first = True
+                cfg.fusion = fusion
+                self.spec["model"] = to_dict(cfg)
+            if cfg.text.width != cfg.vision.width:
+                raise ValueError(f"fine-tuning a {self.architecture} model fuses its towers' "
+                                 f"tokens: the text width ({cfg.text.width}) and the vision "
+                                 f"width ({cfg.vision.width}) must be equal")
+            self.core = Combined(cfg, vocab_size)
+            self.visual_tokens = "pixels"
+            self.width = cfg.fusion.width
+        else:
+            raise ValueError(f"architecture {self.architecture!r} cannot be fine-tuned; "
+                             f"expected one of {list(ARCHITECTURES)}")
+        self.roi_pool = RoIRegionFeatures()
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_pretrained(cls, path: str | Path, fusion: FusionConfig | None = None
+                        ) -> tuple["Backbone", Tokenizer, ImageTransform]:
+        """The backbone of a pretrained model directory, its tokenizer and eval transform."""
+        path = Path(path)
+        config = read_model_dir(path)
+        arch = config.get("architecture")
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"{path}/config.json: architecture {arch!r} cannot be fine-tuned; "
+                             f"expected one of {list(ARCHITECTURES)}")
+        tokenizer = load_tokenizer(path / "tokenizer.json")
+        spec = {"architecture": arch, "model": config["model"],
+                "region_feature_dim": config.get("region_feature_dim", 0),
+                "num_region_labels": len(config.get("region_labels", []))}
+        if arch == "dual_tower":
+            spec["fusion"] = to_dict(fusion or FusionConfig(layers=2))
+        backbone = cls(spec, tokenizer.vocab_size)
+        if arch == "combined":  # the whole model; model.safetensors holds the towers only
+            state = load_file(str(path / "combined.safetensors"))
+        else:
+            state = load_file(str(path / "model.safetensors"))
+        if arch == "dual_tower":
+            backbone.core.towers.load_state_dict(state)
+        else:
+            target = backbone.core
+            # the MLM decoder is tied to the word embeddings and stored once
+            state.setdefault("mlm_head.word_embeddings.weight",
+                             state.get("text_embed.token_embed.weight",
+                                       state.get("towers.text.embed.token_embed.weight")))
+            missing, unexpected = target.load_state_dict(state, strict=False)
+            # pretraining-only heads (MRC / MRFR) are not part of a fine-tuning backbone
+            unexpected = [k for k in unexpected if not k.startswith(("mrc_head", "mrfr_head"))]
+            if missing or unexpected:
+                raise ValueError(f"{path}: weights do not fit the config: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        transform = ImageTransform.from_dict(config["transform"]) if "transform" in config \
+            else ImageTransform(backbone.cfg.vision.image_size)
+        return backbone, tokenizer, transform
+
+    # ------------------------------------------------------------------ what it needs
+    @property
+    def needs_pixels(self) -> bool:
+        return self.visual_tokens in ("pixels", "patches", "roi_align")
+
+    @property
+    def needs_region_features(self) -> bool:
+        return self.visual_tokens == "regions"
+
+    @property
+    def needs_region_boxes(self) -> bool:
+        return self.visual_tokens in ("regions", "roi_align")
+
+    @property
+    def objects_are_regions(self) -> bool:
+        """Grounding indexes the visual regions (so VCR's objects must be the regions)."""
+        return self.visual_tokens in ("regions", "roi_align")
+
+    @property
+    def word_embeddings(self) -> nn.Embedding:
+        if self.architecture == "single_stream":
+            return self.core.text_embed.token_embed
+        return self.core.towers.text.embed.token_embed
+
+    @property
+    def mlm_head(self) -> MLMHead:
+        return self.core.mlm_head
+
+    @property
+    def itm_head(self) -> nn.Linear:
+        return self.core.itm_head
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.core.set_grad_checkpointing(enabled)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: dict, *,
+                causal_text: bool = False, token_objects: torch.Tensor | None = None,
+                object_boxes: torch.Tensor | None = None,
+                object_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (B, L, width) hidden states of the word positions (see the module docstring)."""
+        if self.architecture == "single_stream":
+            return self._single_stream(input_ids, attention_mask, visual, causal_text,
+                                       token_objects, object_boxes, object_mask)
+        return self._fused(input_ids, attention_mask, visual, causal_text, token_objects,
+                           object_boxes, object_mask)
+
+    def _grounding(self, objects: torch.Tensor, token_objects: torch.Tensor) -> torch.Tensor:
+        """(B, N, W) object embeddings, (B, L) indexes (-1: none) -> (B, L, W) to add."""
+        index = token_objects.clamp(min=0)
+        picked = torch.gather(objects, 1, index[..., None].expand(-1, -1, objects.shape[-1]))
+        return picked * (token_objects >= 0)[..., None].to(picked.dtype)
+
+    def _pool_grid(self, tokens: torch.Tensor, grid: int, boxes, mask) -> torch.Tensor:
+        """(B, grid*grid, C) patch tokens -> (B, N, C), one vector per box (RoIAlign)."""
+        fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid, grid)
+        return self.roi_pool(fmap, boxes.float(), mask).to(tokens.dtype)
+
+    def _single_stream(self, ids, mask, visual, causal_text, token_objects, object_boxes,
+                       object_mask):
+        m = self.core
+        word_add = None
+        if m.has_regions:
+            feats, boxes, rmask = m.region_inputs(visual.get("pixel_values"),
+                                                  visual.get("region_features"),
+                                                  visual["region_boxes"], visual["region_mask"])
+            vis, vmask = m.embed_visual(feats, boxes, rmask)
+            if token_objects is not None:
+                word_add = self._grounding(m.region_embed(feats, boxes), token_objects)
+        else:
+            vis, vmask = m.embed_visual(None, None, None, visual["pixel_values"])
+            if token_objects is not None:
+                if object_boxes is None:
+                    raise ValueError("grounded words need object_boxes with patch tokens")
+                patches = m.patch_embed(visual["pixel_values"])
+                objects = self._pool_grid(patches, m.patch_embed.grid_size, object_boxes,
+                                          object_mask)
+                word_add = self._grounding(objects, token_objects)
+        hidden = m.encode(ids, mask, vis, vmask, causal_text=causal_text, word_add=word_add)
+        return hidden[:, :ids.shape[1]]
+
+    def _fused(self, ids, mask, visual, causal_text, token_objects, object_boxes, object_mask):
+        c = self.core
+        towers = c.towers
+        image_tokens = towers.visual.forward_features(visual["pixel_values"])  # (B, 1+g*g, W)
+        x = towers.text.embed(ids)
+        if token_objects is not None:
+            if object_boxes is None:
+                raise ValueError("grounded words need object_boxes")
+            grid = towers.visual.embed.grid_size
+            objects = self._pool_grid(image_tokens[:, 1:], grid, object_boxes, object_mask)
+            x = x + self._grounding(objects, token_objects)
+        # a causal text tower keeps its causal mask; captioning makes any tower causal
+        if causal_text or towers.text.cfg.mask == "causal":
+            text_tokens = towers.text.transformer(x, is_causal=True)
+        else:
+            text_tokens = towers.text.transformer(
+                x, build_attention_mask("bidirectional", x.shape[1], padding_mask=mask))
+        n_text = ids.shape[1]
+        seq = torch.cat([text_tokens + c.segment.weight[0],
+                         image_tokens + c.segment.weight[1]], dim=1)
+        keep = torch.cat([mask.bool(), torch.ones(image_tokens.shape[:2], dtype=torch.bool,
+                                                  device=seq.device)], dim=1)
+        attn = build_attention_mask("bidirectional", seq.shape[1], padding_mask=keep)
+        if causal_text:
+            attn = attn & prefix_lm_mask(n_text, seq.shape[1], seq.device)
+        return c.fusion(seq, attn)[:, :n_text]
