@@ -3,10 +3,26 @@
     vlp pretrain [--config FILE] [--out DIR] [--resume DIR|latest] [key=value ...]
         (one process, or every process of `deepspeed --num_gpus N --module vlp pretrain ...`
         or `torchrun --nproc_per_node N -m vlp pretrain ...`)
+    vlp finetune vqa|caption|vcr|retrieval [--config FILE] [--out DIR] [--resume DIR|latest]
+        [key=value ...]   (also under deepspeed / torchrun, like pretrain)
     vlp data synth --out DIR [--images N] [--val-images N] [--seed S] [--image-size PX]
     vlp data regions --model DIR --data SHARDS --out DIR
     vlp tokenizer train --data SHARDS --out FILE [--vocab-size N]
     vlp eval retrieval --model DIR --data SHARDS [--out FILE] [--batch-size N]
+    vlp eval vqa --predictions FILE --questions FILE --annotations FILE [--out FILE]
+    vlp eval caption --predictions FILE (--annotations FILE | --karpathy FILE [--split S])
+        [--out FILE]
+    vlp eval vcr --predictions FILE.csv|FILE.jsonl --annotations FILE.jsonl [--out FILE]
+    vlp eval vqa|caption|vcr --model FINETUNED_DIR [--data BENCHMARK_DIR] [file options]
+        [--out FILE]   (runs the fine-tuned model; its results file goes beside --out)
+    vlp convert hf-clip SRC_DIR OUT_DIR          (a local Hugging Face CLIPModel folder -> vlp)
+    vlp convert to-hf-clip MODEL_DIR OUT_DIR     (a vlp dual tower -> CLIPModel folder)
+    vlp convert open-clip STATE.safetensors OUT_DIR --config MODEL.json --tokenizer TOK
+    vlp index build --model DIR --data SHARDS --out INDEX_DIR [--text] [--batch-size N]
+        [--chunk-size N] [--max-memory 4GB] [--index-type auto|flat|hnsw|ivf|ivf-hnsw|ivf-pq|
+        opq-pq|FAISS_FACTORY]   (a rerun resumes a killed build; written chunks are kept)
+    vlp search "QUERY" --index DIR [-k 10] [--image PATH] [--mode image|text] [--json]
+    vlp serve --index DIR [--host 127.0.0.1] [--port 8000]
 """
 from __future__ import annotations
 
@@ -17,6 +33,7 @@ import time
 from pathlib import Path
 
 from vlp.config import ConfigError
+from vlp.eval.inputs import EvalError
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -31,6 +48,25 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         return 130
     except NonFiniteLossError as e:
         print(f"vlp pretrain: stopped: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from vlp.config import FinetuneConfig, load_config
+    from vlp.engine.train import NonFiniteLossError
+    from vlp.finetune.loop import finetune
+
+    cfg = load_config(args.config, [f"task={args.task}", *args.overrides], cls=FinetuneConfig)
+    if cfg.task != args.task:
+        raise ConfigError(f"{args.config} is a config for task {cfg.task!r}, not {args.task!r}")
+    out = args.out or f"runs/finetune-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        finetune(cfg, out, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    except NonFiniteLossError as e:
+        print(f"vlp finetune: stopped: {e}", file=sys.stderr)
         return 1
     return 0
 
@@ -82,6 +118,179 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(what: str, fn, *args) -> int:
+    try:
+        out = fn(*args)
+    except ValueError as e:  # a config or checkpoint vlp cannot convert: one clear line
+        print(f"vlp convert {what}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_convert_hf_clip(args: argparse.Namespace) -> int:
+    from vlp.convert.hf_clip import from_hf_clip
+
+    return _convert("hf-clip", from_hf_clip, args.src, args.out)
+
+
+def _cmd_convert_to_hf_clip(args: argparse.Namespace) -> int:
+    from vlp.convert.hf_clip import to_hf_clip
+
+    return _convert("to-hf-clip", to_hf_clip, args.model, args.out)
+
+
+def _cmd_convert_open_clip(args: argparse.Namespace) -> int:
+    from vlp.convert.open_clip import from_open_clip
+
+    return _convert("open-clip", from_open_clip, args.state, args.out, args.config,
+                    args.tokenizer)
+
+
+def _report(metrics: dict, table: str, out: str | None) -> None:
+    """Print the table; with --out, write the metrics as flat JSON."""
+    print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {out}")
+
+
+def _predictions(args: argparse.Namespace) -> str:
+    """The file to score. (Scoring a fine-tuned model directly, --model, is the other way in.)"""
+    if not args.predictions:
+        raise EvalError(f"vlp eval {args.eval_cmd} needs --predictions FILE or --model DIR")
+    return args.predictions
+
+
+def _eval_model(args: argparse.Namespace, files: dict[str, str | None]) -> dict | None:
+    """With --model: run the fine-tuned model on the benchmark (the shapes world's unless
+    --data / the files say otherwise); its results file goes beside --out (else into the
+    model's run folder). `files`: config key -> path given on the command line."""
+    if not args.model:
+        return None
+    if args.predictions:
+        raise EvalError("give --predictions FILE (score a results file) or --model DIR (run a "
+                        "model), not both")
+    from vlp.finetune.loop import evaluate_finetuned
+
+    overrides = [f"{key}={value}" for key, value in files.items() if value]
+    out_dir = Path(args.out).parent if args.out else Path(args.model).parent
+    return evaluate_finetuned(args.model, out_dir, data_root=args.data or "",
+                              split=getattr(args, "split", None) or "", overrides=overrides,
+                              progress=not args.no_progress)
+
+
+def _cmd_eval_vqa(args: argparse.Namespace) -> int:
+    from vlp.eval.vqa_metric import evaluate_vqa, format_table
+
+    metrics = _eval_model(args, {"vqa.val_questions": args.questions,
+                                 "vqa.val_annotations": args.annotations})
+    if metrics is None:
+        if not (args.questions and args.annotations):
+            raise EvalError("scoring --predictions needs --questions and --annotations")
+        metrics = evaluate_vqa(_predictions(args), args.questions, args.annotations)
+    _report(metrics, format_table(metrics), args.out)
+    return 0
+
+
+def _cmd_eval_caption(args: argparse.Namespace) -> int:
+    from vlp.eval.caption_metric import evaluate_captions, format_table, karpathy_references
+
+    metrics = _eval_model(args, {"caption.karpathy": args.karpathy,
+                                 "caption.annotations": args.annotations})
+    if metrics is not None:
+        _report(metrics, format_table(metrics), args.out)
+        return 0
+    predictions = _predictions(args)
+    if bool(args.annotations) == bool(args.karpathy):
+        raise EvalError("vlp eval caption needs its references from one of --annotations FILE "
+                        "(COCO captions JSON) or --karpathy dataset_coco.json [--split test]")
+    if args.split and not args.karpathy:
+        raise EvalError("--split picks a split of --karpathy dataset_coco.json; with "
+                        "--annotations every image of the file is scored")
+    refs = (karpathy_references(args.karpathy, args.split or "test") if args.karpathy
+            else args.annotations)
+    metrics = evaluate_captions(predictions, refs)
+    _report(metrics, format_table(metrics), args.out)
+    return 0
+
+
+def _cmd_eval_vcr(args: argparse.Namespace) -> int:
+    from vlp.eval.vcr_metric import evaluate_vcr, format_table
+
+    metrics = _eval_model(args, {"vcr.val": args.annotations, "vcr.images": args.images})
+    if metrics is None:
+        if not args.annotations:
+            raise EvalError("scoring --predictions needs --annotations (VCR val.jsonl)")
+        metrics = evaluate_vcr(_predictions(args), args.annotations)
+    _report(metrics, format_table(metrics), args.out)
+    return 0
+
+
+def _cmd_index_build(args: argparse.Namespace) -> int:
+    from vlp.retrieval import build
+
+    try:
+        info = build(args.model, args.data, args.out, text=args.text,
+                     batch_size=args.batch_size, chunk_size=args.chunk_size, dtype=args.dtype,
+                     index_type=args.index_type, max_memory=args.max_memory,
+                     progress=not args.no_progress)
+    except ValueError as e:  # bad settings, or a resume with other settings: no traceback
+        print(f"vlp index build: error: {e}", file=sys.stderr)
+        return 2
+    print(info["embed"])
+    for modality in ("image", "text"):
+        if modality in info:
+            r = info[modality]
+            recall = ", ".join(f"{q} queries {v:.3f}" for q, v in r["recall@10"].items())
+            print(f"{r['file']}: {r['count']} vectors, {r['factory']} ({r['reason']}); "
+                  f"{r['search_params'] or 'no search parameters'}; recall@10 vs exact: "
+                  f"{recall}; {r.get('qps', 0):.0f} queries/s")
+    print(f"wrote {args.out}/index_info.json")
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from vlp.retrieval.search import Searcher, format_hits, hits_json, load_image
+
+    if (args.query is None) == (args.image is None):
+        print("vlp search: error: give either a text QUERY or --image PATH", file=sys.stderr)
+        return 2
+    try:
+        searcher = Searcher(args.index, model=args.model)
+        if args.image:
+            hits = searcher.search_image(load_image(args.image), args.k, args.mode)
+        else:
+            hits = searcher.search_text(args.query, args.k, args.mode)
+    except ValueError as e:
+        print(f"vlp search: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(hits_json(hits, query=args.query, image=args.image, mode=args.mode, k=args.k))
+    else:
+        print(format_hits(hits))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from vlp.retrieval.search import Searcher
+    from vlp.retrieval.serve import make_server
+
+    searcher = Searcher(args.index, model=args.model)
+    searcher.model  # load it now: the first query should not wait for it
+    server = make_server(searcher, args.host, args.port)
+    print(f"serving {args.index} ({searcher.count} images) on {server.url}  (Ctrl-C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
     # `deepspeed --module vlp pretrain ...` runs `python -m vlp --local_rank=N pretrain ...`;
@@ -97,6 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides with dotted keys, e.g. train.steps=100")
     p.set_defaults(func=_cmd_pretrain)
+
+    ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a benchmark") \
+        .add_subparsers(dest="task", required=True)
+    for task, what in (("vqa", "VQA v2"), ("caption", "COCO captioning (Karpathy split)"),
+                       ("vcr", "VCR Q->A, QA->R"), ("retrieval", "image-text retrieval")):
+        p = ft.add_parser(task, help=f"fine-tune on {what}")
+        p.add_argument("--config", help=f"YAML file (configs/finetune/{task}_*.yaml)")
+        p.add_argument("--out", help=f"run folder (default: runs/finetune-{task}-<time>)")
+        p.add_argument("--resume", help="checkpoint folder, or 'latest' (OUT/checkpoints/latest)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config overrides, e.g. init_from=runs/vlbert/model train.steps=200")
+        p.set_defaults(func=_cmd_finetune)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("synth", help="write the shapes world (shards + benchmark files)")
@@ -134,6 +356,104 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval_retrieval)
+    p = ev.add_parser("vqa", help="VQA accuracy (the official VQA v2 scorer's), overall and "
+                      "per answer/question type")
+    p.add_argument("--predictions", help='results JSON: [{"question_id": N, "answer": "..."}]')
+    p.add_argument("--questions", help="v2_OpenEnded_mscoco_*_questions.json")
+    p.add_argument("--annotations", help="v2_mscoco_*_annotations.json")
+    p.add_argument("--out", help="write the metrics as flat JSON here")
+    p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
+                   "run it on the benchmark instead of scoring --predictions")
+    p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
+                   "world's)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval_vqa)
+    p = ev.add_parser("caption", help="COCO caption metrics: BLEU-1..4, METEOR, ROUGE-L, "
+                      "CIDEr-D (pycocoevalcap; needs Java)")
+    p.add_argument("--predictions", help='results JSON: [{"image_id": N, "caption": "..."}]')
+    p.add_argument("--annotations", help="COCO captions JSON (captions_val2014.json)")
+    p.add_argument("--karpathy", help="Karpathy's dataset_coco.json, instead of --annotations")
+    p.add_argument("--split", help="the --karpathy split to score (default: test)")
+    p.add_argument("--out", help="write the metrics as flat JSON here")
+    p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
+                   "run it on the benchmark instead of scoring --predictions")
+    p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
+                   "world's)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval_caption)
+    p = ev.add_parser("vcr", help="VCR Q->A, QA->R and Q->AR accuracy")
+    p.add_argument("--predictions", help="the leaderboard CSV (.csv) or JSON lines (.jsonl) "
+                   '{"annot_id", "answer_probs", "rationale_probs"}')
+    p.add_argument("--annotations", help="VCR val.jsonl")
+    p.add_argument("--images", help="with --model: the folder img_fn/metadata_fn are relative to")
+    p.add_argument("--out", help="write the metrics as flat JSON here")
+    p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
+                   "run it on the benchmark instead of scoring --predictions")
+    p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
+                   "world's)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval_vcr)
+
+    conv = sub.add_parser("convert", help="load other projects' checkpoints (local files)"
+                          ).add_subparsers(dest="convert_cmd", required=True)
+    p = conv.add_parser("hf-clip", help="Hugging Face CLIPModel folder -> vlp model directory")
+    p.add_argument("src", help="folder with config.json, model.safetensors (or "
+                   "pytorch_model.bin) and tokenizer.json (or vocab.json + merges.txt)")
+    p.add_argument("out", help="vlp model directory to write (what vlp.load reads)")
+    p.set_defaults(func=_cmd_convert_hf_clip)
+    p = conv.add_parser("to-hf-clip", help="vlp dual tower -> Hugging Face CLIPModel folder")
+    p.add_argument("model", help="vlp model directory (OUT/model of a run)")
+    p.add_argument("out", help="folder to write (CLIPModel.from_pretrained reads it)")
+    p.set_defaults(func=_cmd_convert_to_hf_clip)
+    p = conv.add_parser("open-clip", help="OpenCLIP state dict -> vlp model directory")
+    p.add_argument("state", help="the state dict: .safetensors (a .pt only if "
+                   "torch.load(weights_only=True) reads it)")
+    p.add_argument("out", help="vlp model directory to write")
+    p.add_argument("--config", required=True, help="OpenCLIP model config JSON "
+                   "(model_configs/ViT-B-32.json or open_clip_config.json)")
+    p.add_argument("--tokenizer", required=True, help="bpe_simple_vocab_16e6.txt.gz, a "
+                   "tokenizer.json, or a folder with tokenizer.json / vocab.json + merges.txt")
+    p.set_defaults(func=_cmd_convert_open_clip)
+
+    idx = sub.add_parser("index", help="retrieval indexes (faiss)").add_subparsers(
+        dest="index_cmd", required=True)
+    p = idx.add_parser("build", help="embed shards and build a faiss index (resumable)")
+    p.add_argument("--model", required=True, help="model directory (OUT/model of a run)")
+    p.add_argument("--data", required=True, help="shard spec (brace pattern, folder, pipe:)")
+    p.add_argument("--out", required=True, help="index folder (created; rerun to resume)")
+    p.add_argument("--text", action="store_true",
+                   help="also embed the captions and build text.index (for --mode text)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="samples per embedding file (the unit of resuming)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="how the embeddings are stored on disk")
+    p.add_argument("--max-memory", default="4GB", help="memory budget of the index, e.g. 4GB")
+    p.add_argument("--index-type", default="auto", help="auto, flat, hnsw, ivf, ivf-hnsw, "
+                   "ivf-pq, opq-pq, or a faiss factory string (e.g. 'IVF1024,PQ32x8')")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_index_build)
+
+    p = sub.add_parser("search", help="search an index with a text or an image")
+    p.add_argument("query", nargs="?", help="text query")
+    p.add_argument("--index", required=True, help="index folder (vlp index build --out)")
+    p.add_argument("--image", help="image file to search with, instead of a text query")
+    p.add_argument("-k", type=int, default=10, help="results to return")
+    p.add_argument("--mode", choices=("image", "text"), default="image",
+                   help="search the images (default) or the captions (needs --text at build)")
+    p.add_argument("--model", help="model directory (default: the one the index was built "
+                   "with)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser("serve", help="HTTP search API and web page over an index")
+    p.add_argument("--index", required=True, help="index folder (vlp index build --out)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="model directory (default: the one the index was built "
+                   "with)")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -141,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, EvalError) as e:
         # user errors: one clear line, no stack trace
         print(f"vlp {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -51,11 +51,15 @@ def benchmark_root(cfg: FinetuneConfig, progress: bool = True) -> Path:
     return folder / "benchmarks"
 
 
-def build_task(cfg: FinetuneConfig, backbone: Backbone, tokenizer, transform, root: Path):
+def build_task(cfg: FinetuneConfig, backbone: Backbone, tokenizer, transform, root: Path,
+               saved: Path | None = None):
+    """The task object; `saved`: a fine-tuned model directory whose task files (e.g. VQA's
+    answer vocabulary) it must use instead of deriving them from the training files."""
     if cfg.task == "vqa":
         from vlp.tasks.vqa import VQATask
 
-        return VQATask(cfg, backbone, tokenizer, transform, root)
+        answers = json.loads((saved / "answers.json").read_text()) if saved else None
+        return VQATask(cfg, backbone, tokenizer, transform, root, answers=answers)
     if cfg.task == "caption":
         from vlp.tasks.caption import CaptionTask
 
@@ -294,3 +298,36 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     say(f"metrics: {out_dir / 'metrics.json'}")
     return metrics
+
+
+def evaluate_finetuned(model_dir: str | Path, out_dir: str | Path, *, data_root: str = "",
+                       split: str = "", overrides: list[str] | None = None,
+                       progress: bool = True) -> dict:
+    """`vlp eval <task> --model DIR`: score a fine-tuned model directory on a benchmark split
+    (the shapes world's unless data.root / the task's file keys say otherwise), writing the
+    official results file into out_dir."""
+    from safetensors.torch import load_model
+
+    from vlp.config import load_config
+    from vlp.data.transforms import ImageTransform
+    from vlp.finetune.backbone import read_model_dir
+    from vlp.tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    config = read_model_dir(model_dir)
+    if config.get("architecture") != "finetuned":
+        raise ConfigError(f"{model_dir} is a {config.get('architecture')!r} model, not a "
+                          "fine-tuned one (vlp finetune TASK writes OUT/model)")
+    cfg = load_config(None, [f"task={config['task']}", *(overrides or [])], cls=FinetuneConfig)
+    if data_root:
+        cfg.data.root = data_root
+    root = benchmark_root(cfg, progress)
+    tokenizer = load_tokenizer(model_dir / "tokenizer.json")
+    backbone = Backbone(config["backbone"], tokenizer.vocab_size)
+    transform = ImageTransform.from_dict(config["transform"])
+    task = build_task(cfg, backbone, tokenizer, transform, root, saved=model_dir)
+    model = task.build_model()
+    load_model(model, str(model_dir / "model.safetensors"))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return task.evaluate(model.eval(), split or cfg.eval.split, out_dir, progress)

@@ -71,7 +71,10 @@ class VQATask:
     name = "vqa"
     metric_names = ("train_vqa_score",)
 
-    def __init__(self, cfg: FinetuneConfig, backbone, tokenizer, transform, root: Path):
+    def __init__(self, cfg: FinetuneConfig, backbone, tokenizer, transform, root: Path,
+                 answers: list[str] | None = None):
+        """`answers`: a fine-tuned model's vocabulary (its answers.json), else built from the
+        training annotations."""
         self.cfg, self.backbone, self.tokenizer, self.transform = cfg, backbone, tokenizer, \
             transform
         v = cfg.vqa
@@ -84,8 +87,8 @@ class VQATask:
         self.images = Path(cfg.data.images) if cfg.data.images else root / "images"
         self.reader = VisualReader(backbone, transform,
                                    cfg.data.regions or (root / "regions"))
-        self._records = {"train": read_vqa(*self.files["train"])}
-        self.answers = answer_vocabulary(self._records["train"], v.num_answers)
+        self._records = {}
+        self.answers = answers or answer_vocabulary(self.records("train"), v.num_answers)
         self.index = {a: i for i, a in enumerate(self.answers)}
 
     # ------------------------------------------------------------------ data
@@ -167,6 +170,7 @@ class VQATask:
         questions, annotations = self.files[split]
         metrics = evaluate_vqa(results, questions, annotations)
         # the majority-answer baseline: always the most frequent training answer
+        # (self.answers is ordered by training frequency)
         majority = [{"question_id": r["question_id"], "answer": fallback} for r in records]
         metrics["vqa_majority_baseline"] = evaluate_vqa(majority, questions,
                                                         annotations)["vqa_acc"]
