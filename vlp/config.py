@@ -229,7 +229,11 @@ class VCRTaskConfig:
     train: str = ""
     val: str = ""
     images: str = ""  # the folder img_fn / metadata_fn are relative to; empty: the shapes world's
-    max_length: int = 48  # tokens of question + answer (+ rationale)
+    # tokens of question + answer (+ rationale); lowered to the backbone's text positions
+    max_length: int = 48
+    # evaluation scores each rationale given each of the 4 answers (the leaderboard CSV, 20
+    # sequences a question); false: given the right answer only (JSON lines, 8 a question)
+    condition_on_each_answer: bool = True
 
 
 @dataclass

@@ -4,7 +4,8 @@ Captions -> (input_ids, attention_mask) of exactly `context_length` tokens, `[CL
 then `[PAD]`. Trained on the training captions (`train_tokenizer(iter_captions(urls))`), saved
 as `tokenizer.json` in the model directory, loaded back with `load_tokenizer`. Any
 `tokenizer.json` written by the `tokenizers` library (or `transformers`' fast tokenizers)
-loads too.
+loads too, as do a BERT folder's vocab.txt and a CLIP folder's vocab.json + merges.txt
+(OpenAI CLIP's byte-level BPE, built as transformers' CLIPTokenizer builds it).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Iterable, Sequence
 
 import tokenizers
 import torch
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from vlp.data.pipeline import iter_captions  # re-exported: `vlp tokenizer train` reads shards
 
@@ -36,11 +37,23 @@ class Tokenizer:
     `sep_id` and `mask_id` are None when the vocabulary has no such token. A tokenizer without a
     pad token pads with id 0 (as OpenAI CLIP and OpenCLIP do): padded positions are marked by
     `attention_mask == 0`, so the id there never matters; `has_pad_token` tells which case.
+    `pad_token` names the pad explicitly (a Hugging Face folder's tokenizer_config.json: CLIP
+    pads with `<|endoftext|>`, or `!` = id 0); else a `padding` section in the tokenizer.json
+    names it. An explicit pad is kept in the saved tokenizer.json.
     """
 
-    def __init__(self, hf: tokenizers.Tokenizer):
+    def __init__(self, hf: tokenizers.Tokenizer, pad_token: str | None = None):
         self.hf = hf
         ids = {role: self._find(names) for role, names in _SPECIAL_NAMES.items()}
+        if pad_token is not None:
+            ids["pad"] = hf.token_to_id(pad_token)
+            if ids["pad"] is None:
+                raise ValueError(f"pad token {pad_token!r} is not in the tokenizer's vocabulary")
+        elif hf.padding is not None:  # read before _configure sets our own padding
+            ids["pad"] = hf.padding["pad_id"]
+        # kept in the saved file only where the lookup by name would not find it again
+        self._explicit_pad = ids["pad"] is not None and ids["pad"] != self._find(
+            _SPECIAL_NAMES["pad"])
         self.has_pad_token = ids["pad"] is not None
         self.pad_id: int = ids["pad"] if ids["pad"] is not None else 0
         self.cls_id: int | None = ids["cls"]
@@ -87,6 +100,21 @@ class Tokenizer:
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long)
         return ids, mask
 
+    def attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The mask (1 = real token) of right-padded ids (B, L) this tokenizer wrote -> LongTensor.
+
+        With a dedicated pad token (`[PAD]`, `<pad>`) that is `ids != pad_id`. CLIP pads with a
+        token that also stands for text or for the end of text (`<|endoftext|>`, or `!` / id 0
+        in OpenCLIP), so there the mask runs up to and including the first end-of-text token:
+        what the tokenizer's own mask marks and the token HF CLIP pools at (a row without one,
+        cut short by the caller, is all real).
+        """
+        pad_token = self.hf.id_to_token(self.pad_id) if self.has_pad_token else None
+        if pad_token in _SPECIAL_NAMES["pad"] or self.sep_id is None:
+            return (input_ids != self.pad_id).long()
+        is_eos = (input_ids == self.sep_id).long()
+        return (is_eos.cumsum(dim=1) - is_eos == 0).long()  # no eos strictly before
+
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of one id sequence (special tokens, padding included, dropped by default)."""
         if isinstance(ids, torch.Tensor):
@@ -104,6 +132,8 @@ class Tokenizer:
         clean = tokenizers.Tokenizer.from_str(self.hf.to_str())
         clean.no_padding()
         clean.no_truncation()
+        if self._explicit_pad:  # e.g. CLIP's <|endoftext|>: not findable by name on loading
+            clean.enable_padding(pad_id=self.pad_id, pad_token=self.hf.id_to_token(self.pad_id))
         clean.save(str(path))
         return path
 
@@ -143,17 +173,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000,
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a `tokenizer.json` file, or a folder holding one (a vlp model directory or a
-    Hugging Face tokenizer folder)."""
+    Hugging Face tokenizer folder; there a BERT vocab.txt or a CLIP vocab.json + merges.txt
+    also do, and tokenizer_config.json's pad_token is honoured)."""
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if path.is_dir() and not file.is_file() and (path / "vocab.txt").is_file():
         return _from_bert_vocab(path)
+    if path.is_dir() and not file.is_file() and (path / "merges.txt").is_file():
+        return _from_clip_bpe(path)
     if not file.is_file():
         if path.is_dir():
             found = sorted(p.name for p in path.iterdir())[:10]
             raise FileNotFoundError(
-                f"folder {str(path)!r} has no tokenizer.json or vocab.txt (it holds {found}); "
-                "expected a tokenizer.json file or a folder containing one (or a BERT vocab.txt)")
+                f"folder {str(path)!r} has no tokenizer.json or vocab.txt, nor a CLIP "
+                f"vocab.json + merges.txt (it holds {found}); expected a tokenizer.json file or "
+                "a folder containing one (or a BERT vocab.txt, or CLIP's two files)")
         raise FileNotFoundError(
             f"no tokenizer at {str(path)!r}: expected a tokenizer.json file or a folder "
             "containing tokenizer.json (a model directory or a Hugging Face tokenizer folder)")
@@ -161,7 +195,81 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         hf = tokenizers.Tokenizer.from_file(str(file))
     except Exception as exn:  # tokenizers raises a bare Exception on bad JSON
         raise ValueError(f"{str(file)!r} is not a valid tokenizer.json: {exn}") from exn
-    return Tokenizer(hf)
+    pad = _hf_pad_token(path) if path.is_dir() else None
+    if pad is None or hf.token_to_id(pad) is None:  # none, or a stale config: the default
+        return Tokenizer(hf)
+    return _with_hf_pad(hf, pad)
+
+
+def _with_hf_pad(hf: tokenizers.Tokenizer, pad: str) -> Tokenizer:
+    """transformers registers a folder's pad token as a special token: a pad of "!" (LAION's
+    CLIP folders) then turns a "!" in text into id 0 rather than "!</w>". We follow it, so
+    the folder gives the same ids as in transformers."""
+    hf.add_special_tokens([pad])
+    return Tokenizer(hf, pad)
+
+
+def _hf_pad_token(folder: Path) -> str | None:
+    """The pad token a Hugging Face tokenizer folder configures (tokenizer_config.json, then
+    special_tokens_map.json); CLIPTokenizer's default `<|endoftext|>` when its class is named
+    without one; None when neither file says."""
+    tok_class = ""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        cfg = json.loads(file.read_text())
+        tok_class = tok_class or str(cfg.get("tokenizer_class") or "")
+        pad = cfg.get("pad_token")
+        if isinstance(pad, dict):  # a serialised AddedToken
+            pad = pad.get("content")
+        if isinstance(pad, str):
+            return pad
+    return "<|endoftext|>" if tok_class.startswith("CLIPTokenizer") else None
+
+
+# OpenAI CLIP's pre-tokenizer split (clip/simple_tokenizer.py; transformers' CLIPTokenizer)
+_CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
+               r"""[\p{N}]|[^\s\p{L}\p{N}]+""")
+
+
+def clip_bpe(model: models.BPE) -> tokenizers.Tokenizer:
+    """OpenAI CLIP's tokenizer around a byte-level BPE `model` whose words end in `</w>`
+    (unk `<|endoftext|>`), built step for step as transformers' CLIPTokenizer builds it:
+    NFC, whitespace runs -> one space, lowercase; CLIP's split regex then byte-level; ids
+    `<|startoftext|> $A <|endoftext|>`. Ids then equal CLIPTokenizerFast's."""
+    hf = tokenizers.Tokenizer(model)
+    hf.normalizer = normalizers.Sequence([normalizers.NFC(),
+                                          normalizers.Replace(Regex(r"\s+"), " "),
+                                          normalizers.Lowercase()])
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    hf.decoder = decoders.ByteLevel()
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    missing = [t for t in (bos, eos) if hf.token_to_id(t) is None]
+    if missing:
+        raise ValueError(f"a CLIP BPE vocabulary needs {bos} and {eos}; missing {missing}")
+    hf.add_special_tokens([bos, eos])  # matched whole in raw text, skipped when decoding
+    hf.post_processor = processors.RobertaProcessing((eos, hf.token_to_id(eos)),
+                                                     (bos, hf.token_to_id(bos)),
+                                                     trim_offsets=False, add_prefix_space=False)
+    return hf
+
+
+def _from_clip_bpe(folder: Path) -> Tokenizer:
+    """A CLIP folder with the slow tokenizer's vocab.json + merges.txt only."""
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if not vocab.is_file():
+        raise FileNotFoundError(f"folder {str(folder)!r} has merges.txt but no vocab.json; a "
+                                "CLIP BPE tokenizer needs both")
+    try:
+        model = models.BPE(str(vocab), str(merges), dropout=None, continuing_subword_prefix="",
+                           end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>")
+    except Exception as exn:  # noqa: BLE001 - tokenizers raises a bare Exception here
+        raise ValueError(f"{str(vocab)!r} + {str(merges)!r} are not a usable BPE vocabulary: "
+                         f"{exn}") from None
+    return _with_hf_pad(clip_bpe(model), _hf_pad_token(folder) or "<|endoftext|>")
 
 
 def _from_bert_vocab(folder: Path) -> Tokenizer:
@@ -180,4 +288,5 @@ def _from_bert_vocab(folder: Path) -> Tokenizer:
     return Tokenizer(wordpiece._tokenizer)
 
 
-__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "iter_captions", "SPECIAL_TOKENS"]
+__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "clip_bpe", "iter_captions",
+           "SPECIAL_TOKENS"]

@@ -83,8 +83,9 @@ _PLURAL = {s: s + "es" if s.endswith("ss") else s + "s" for s in SHAPES}
 _BACKGROUND = (40, 40, 44)
 _MARGIN = 2  # pixels kept free between objects, so boxes never touch
 
-# Plausible wrong or synonymous answers a VQA annotator might give; some of them normalise to
-# the right answer under the official scorer ("a star" -> "star", "two" -> "2"), some do not.
+# Plausible wrong or synonymous answers a VQA annotator might give. The official scorer
+# normalises predictions only ("two" -> "2"), never human answers beyond punctuation, so a human
+# "two" or "a star" is never matched: they only lower the agreement on the written answer.
 _COLOR_ALTS = {
     "red": ["orange", "dark red"], "green": ["dark green", "blue"], "blue": ["purple", "dark blue"],
     "yellow": ["orange", "gold"], "purple": ["blue", "violet"], "orange": ["red", "yellow"],

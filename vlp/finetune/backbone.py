@@ -17,6 +17,9 @@ and/or `region_features` (B, R, D), `region_boxes` (B, R, 4) normalised x1y1x2y2
 embedding added, as VL-BERT does) take `token_objects` (B, L) long, -1 = none, indexing the
 objects: the regions themselves for region backbones, else `object_boxes` (B, N, 4) pooled by
 RoIAlign from the patch grid.
+
+`encode_visual(visual)` computes the visual tokens once (captioning decodes many steps per
+image); `forward` takes its output as `visual` in place of the raw inputs.
 """
 from __future__ import annotations
 
@@ -165,6 +168,24 @@ class Backbone(nn.Module):
         self.core.set_grad_checkpointing(enabled)
 
     # ------------------------------------------------------------------ forward
+    def encode_visual(self, visual: dict) -> dict:
+        """The visual tokens of `visual`'s raw inputs, ready for `forward(..., visual=<this>)`:
+        {"visual_tokens" (B, R, W), "visual_mask" (B, R)} (single stream, embedded) or
+        {"image_tokens" (B, 1+g*g, W)} (the vision tower's output). Rows index like the
+        inputs'. Grounded words (token_objects) still need the raw inputs."""
+        if self.architecture != "single_stream":
+            return {"image_tokens": self.core.towers.visual.forward_features(
+                visual["pixel_values"])}
+        m = self.core
+        if m.has_regions:
+            feats, boxes, rmask = m.region_inputs(visual.get("pixel_values"),
+                                                  visual.get("region_features"),
+                                                  visual["region_boxes"], visual["region_mask"])
+            vis, vmask = m.embed_visual(feats, boxes, rmask)
+        else:
+            vis, vmask = m.embed_visual(None, None, None, visual["pixel_values"])
+        return {"visual_tokens": vis, "visual_mask": vmask}
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: dict, *,
                 causal_text: bool = False, token_objects: torch.Tensor | None = None,
                 object_boxes: torch.Tensor | None = None,
@@ -191,7 +212,12 @@ class Backbone(nn.Module):
                        object_mask):
         m = self.core
         word_add = None
-        if m.has_regions:
+        if "visual_tokens" in visual:  # encode_visual's output
+            if token_objects is not None:
+                raise ValueError("grounded words (token_objects) need the raw visual inputs, "
+                                 "not encode_visual's tokens")
+            vis, vmask = visual["visual_tokens"], visual["visual_mask"]
+        elif m.has_regions:
             feats, boxes, rmask = m.region_inputs(visual.get("pixel_values"),
                                                   visual.get("region_features"),
                                                   visual["region_boxes"], visual["region_mask"])
@@ -213,7 +239,8 @@ class Backbone(nn.Module):
     def _fused(self, ids, mask, visual, causal_text, token_objects, object_boxes, object_mask):
         c = self.core
         towers = c.towers
-        image_tokens = towers.visual.forward_features(visual["pixel_values"])  # (B, 1+g*g, W)
+        image_tokens = visual["image_tokens"] if "image_tokens" in visual else \
+            towers.visual.forward_features(visual["pixel_values"])  # (B, 1+g*g, W)
         x = towers.text.embed(ids)
         if token_objects is not None:
             if object_boxes is None:

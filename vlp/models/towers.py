@@ -24,13 +24,15 @@ class VisionTower(nn.Module):
         self.cfg = cfg
         self.embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.width, class_token=True,
                                 pos_embed=cfg.pos_embed)
+        # CLIP's ln_pre; an Identity (no parameters) otherwise, so older checkpoints still load
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
         self.transformer = build_transformer(cfg)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.width ** -0.5)
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 1 + num_patches, width) token states."""
-        return self.transformer(self.embed(pixel_values))
+        return self.transformer(self.ln_pre(self.embed(pixel_values)))
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         pooled = tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, 1:].mean(dim=1)
@@ -62,7 +64,10 @@ class TextTower(nn.Module):
 
     def forward_head(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.cfg.pool == "eos":
-            # the last real token ([SEP] / end-of-text) of each right-padded sequence
+            # the last real token ([SEP] / end-of-text) of each right-padded sequence. HF CLIP
+            # pools at the first eos id (argmax of the ids for legacy eos_token_id=2 configs):
+            # the same token when the mask ends at the first eos, as the tokenizer's does and
+            # Tokenizer.attention_mask builds for bare ids.
             last = attention_mask.long().sum(dim=1) - 1  # (B,)
             pooled = tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
         elif self.cfg.pool == "cls":

@@ -1,0 +1,154 @@
+"""Captioning head: the joint encoder as a language model under the prefix-LM mask (UniLM's
+seq2seq mask, Dong et al. 2019, with the image as the source, as in Unified-VLP, Zhou et al.
+2020), and the searches that decode with it.
+
+Training: input `[CLS] w1 .. wn`, targets `w1 .. wn [SEP]` (shifted by one; pads ignored),
+cross-entropy with label smoothing. Word i sees the visual tokens and words <= i only
+(`backbone(..., causal_text=True)`), so one pass scores every position.
+
+The word predictor is the backbone's pretrained MLM head (BERT's dense + act + LayerNorm, then
+the word embeddings transposed): reused, not copied, so it stays tied to the input embeddings
+and starts from pretraining. The head therefore has no parameters of its own.
+
+Decoding: `greedy_search` and `beam_search` take a step-scoring callable
+`step(tokens (N, t), images (N,)) -> (N, V) next-token logits` (`tokens` start with [CLS];
+`images` says which image each row belongs to), so the searches are tested apart from any model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CaptionHead(nn.Module):
+    """Next-word logits through `backbone.mlm_head` (no parameters of its own)."""
+
+    def forward(self, backbone, *, input_ids, attention_mask, visual,
+                labels=None) -> dict[str, torch.Tensor]:
+        """{"logits"}: (M, V) at the positions with labels != -100, else (B, L, V)."""
+        hidden = backbone(input_ids, attention_mask, visual, causal_text=True)  # (B, L, W)
+        if labels is not None:
+            hidden = hidden[labels != -100]  # (M, W): the vocabulary projection only where scored
+        return {"logits": backbone.mlm_head(hidden)}
+
+    def next_token_logits(self, backbone, tokens: torch.Tensor, visual: dict) -> torch.Tensor:
+        """tokens (N, t) with no padding -> (N, V) logits of token t+1. The whole prefix is
+        re-encoded each step (no key/value cache: see finetune/README.md)."""
+        hidden = backbone(tokens, torch.ones_like(tokens), visual, causal_text=True)
+        return backbone.mlm_head(hidden[:, -1])
+
+
+def caption_loss(logits: torch.Tensor, targets: torch.Tensor,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean token cross-entropy; `label_smoothing` spreads that much target mass uniformly over
+    the vocabulary (Szegedy et al. 2016), as captioning fine-tuning in Unified-VLP / OSCAR."""
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def _scores(step: StepFn, tokens: torch.Tensor, images: torch.Tensor, banned: list[int],
+            eos_id: int, allow_eos: bool) -> torch.Tensor:
+    """(N, V) float log-probabilities of the next token, banned tokens at -inf."""
+    logp = F.log_softmax(step(tokens, images).float(), dim=-1)
+    blocked = banned if allow_eos else [*banned, eos_id]
+    if blocked:
+        logp[:, blocked] = float("-inf")
+    return logp
+
+
+def greedy_search(step: StepFn, num_images: int, *, bos_id: int, eos_id: int, max_length: int,
+                  min_length: int = 1, banned_ids: Sequence[int] = (),
+                  device: torch.device | str = "cpu") -> list[list[int]]:
+    """The most likely next token at each step. Returns each image's tokens, without [CLS] and
+    without the final [SEP]; at most `max_length` tokens ([SEP] included), [SEP] only after
+    `min_length` tokens, never a `banned_ids` token."""
+    banned = sorted(set(banned_ids) - {eos_id})
+    active = torch.arange(num_images, device=device)  # the images still being decoded
+    tokens = torch.full((num_images, 1), bos_id, dtype=torch.long, device=device)
+    out: list[list[int]] = [[] for _ in range(num_images)]
+    for t in range(1, max_length + 1):
+        logp = _scores(step, tokens, active, banned, eos_id, allow_eos=t > min_length)
+        nxt = logp.argmax(dim=-1)  # (N,)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done = (nxt == eos_id) | (t == max_length)
+        for row in done.nonzero().flatten().tolist():
+            seq = tokens[row, 1:].tolist()
+            out[int(active[row])] = seq[:-1] if seq[-1] == eos_id else seq
+        tokens, active = tokens[~done], active[~done]
+        if not len(active):
+            break
+    return out
+
+
+def beam_search(step: StepFn, num_images: int, *, bos_id: int, eos_id: int, beam_size: int,
+                max_length: int, length_penalty: float = 1.0, min_length: int = 1,
+                banned_ids: Sequence[int] = (), device: torch.device | str = "cpu"
+                ) -> list[list[int]]:
+    """Beam search, batched: the live beams of every unfinished image are rows of one call to
+    `step` (image-major, `beam_size` rows each).
+
+    A hypothesis' score is its summed log-probability / length ** length_penalty, length = the
+    tokens it generated ([SEP] included). Each step keeps, per image, the best `beam_size`
+    extensions that do not end in [SEP]; an extension ending in [SEP] that ranks within the
+    top `beam_size` candidates is finished (fairseq's rule). An image stops when it has
+    `beam_size` finished hypotheses, or at `max_length` (its top candidates then finish as they
+    are). The best finished hypothesis by score is returned (tokens without [CLS]/[SEP]).
+    With beam_size=1 this is exactly `greedy_search`; with a beam wider than the number of
+    possible prefixes it is the exhaustive optimum (tests/test_ft_caption.py checks both).
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size={beam_size} must be >= 1")
+    K = beam_size
+    banned = sorted(set(banned_ids) - {eos_id})
+    active = list(range(num_images))
+    tokens = torch.full((num_images * K, 1), bos_id, dtype=torch.long, device=device)
+    # one real start beam per image; the others are -inf until they are filled
+    scores = torch.full((num_images, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(num_images)]
+    for t in range(1, max_length + 1):
+        n = len(active)
+        images = torch.tensor(active, device=device).repeat_interleave(K)  # (n*K,)
+        logp = _scores(step, tokens, images, banned, eos_id, allow_eos=t > min_length)
+        V = logp.shape[1]
+        candidates = (scores[:, :, None] + logp.view(n, K, V)).view(n, K * V)
+        # 2K candidates always hold K that do not end in [SEP] (one [SEP] per beam at most)
+        top_scores, top_index = candidates.topk(min(2 * K, K * V), dim=1)  # sorted, (n, 2K)
+        top_scores, top_index = top_scores.tolist(), top_index.tolist()
+        keep_images, rows, next_tokens, next_scores = [], [], [], []
+        for i, image in enumerate(active):
+            live: list[tuple[int, int, float]] = []  # (row of the prefix, token, score)
+            for rank, (s, index) in enumerate(zip(top_scores[i], top_index[i])):
+                if s == float("-inf"):
+                    break
+                row, token = i * K + index // V, index % V
+                if token == eos_id or t == max_length:
+                    if rank < K:
+                        seq = tokens[row, 1:].tolist() + ([] if token == eos_id else [token])
+                        finished[image].append((s / t ** length_penalty, seq))
+                elif len(live) < K:
+                    live.append((row, token, s))
+            if len(finished[image]) >= K or t == max_length or not live:
+                continue
+            live += [(live[0][0], live[0][1], float("-inf"))] * (K - len(live))  # unused slots
+            keep_images.append(image)
+            for row, token, s in live:
+                rows.append(row)
+                next_tokens.append(token)
+                next_scores.append(s)
+        if not keep_images:
+            break
+        index = torch.tensor(rows, device=device)
+        tokens = torch.cat([tokens[index], torch.tensor(next_tokens, device=device)[:, None]], 1)
+        scores = torch.tensor(next_scores, device=device).view(len(keep_images), K)
+        active = keep_images
+    out = []
+    for hyps in finished:
+        best = max(hyps, key=lambda h: h[0]) if hyps else (-math.inf, [])
+        out.append(best[1])
+    return out

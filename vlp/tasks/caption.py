@@ -1,0 +1,321 @@
+"""COCO captioning on Karpathy's split: dataset_coco.json in, COCO caption results JSON out,
+scored with the COCO caption metrics (vlp/eval/caption_metric.py: BLEU, METEOR, ROUGE-L, CIDEr).
+
+Training: every caption of the `train` and `restval` images is a sample (Karpathy's 113k-image
+training set on real COCO), learnt as a language model over the image (vlp/models/heads/
+caption.py). Evaluation: one caption per image of eval.split (`val` or `test`), by beam search
+(caption.beam_size; 1 = greedy), written as [{"image_id": cocoid, "caption"}] to
+OUT/caption_<split>_results.json. References: caption.annotations (a COCO captions file, e.g.
+captions_val2014.json) when set, else the split's own sentences in dataset_coco.json. The
+baseline beside the scores (`caption_constant_*`): the most frequent training caption given to
+every image, scored the same way.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vlp.config import ConfigError, FinetuneConfig
+from vlp.finetune.task import FinetunedModel, load_finetuned_parts
+from vlp.finetune.visual import VisualReader, collate_visual, visual_to
+from vlp.models.heads.caption import CaptionHead, beam_search, caption_loss, greedy_search
+from vlp.tasks.common import RecordDataset, collate_items, read_json, require
+
+TRAIN_SPLITS = ("train", "restval")
+EVAL_SPLITS = ("val", "test")
+
+
+def read_karpathy(path: str | Path) -> list[dict]:
+    """dataset_coco.json -> [{"cocoid", "split", "filepath", "filename", "captions"}] (every
+    image, in file order; `cocoid`, else `imgid` as in dataset_flickr30k.json)."""
+    data = read_json(path, "Karpathy split (caption.karpathy)")
+    require(data, ("images",), f"Karpathy split {path}")
+    images = []
+    for n, img in enumerate(data["images"]):
+        where = f"{path}: images[{n}]"
+        require(img, ("split", "filename", "sentences"), where)
+        if "cocoid" not in img and "imgid" not in img:
+            raise ValueError(f"{where}: no image id (cocoid or imgid)")
+        captions = []
+        for k, sent in enumerate(img["sentences"]):
+            if "raw" not in sent and "tokens" not in sent:
+                raise ValueError(f"{where}.sentences[{k}]: no caption (raw or tokens)")
+            # raw: the untokenised caption (what the metric's references are made of)
+            captions.append(sent["raw"] if "raw" in sent else " ".join(sent["tokens"]))
+        images.append({"cocoid": img.get("cocoid", img.get("imgid")), "split": img["split"],
+                       "filepath": img.get("filepath", ""), "filename": img["filename"],
+                       "captions": captions})
+    return images
+
+
+def most_frequent_caption(captions: list[str]) -> str:
+    """The most frequent caption (whitespace-normalised; ties: alphabetical first)."""
+    counts = Counter(" ".join(c.split()) for c in captions)
+    if not counts:
+        raise ValueError("no training captions")
+    return min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+
+def special_ids(tokenizer) -> tuple[int, int, list[int]]:
+    """([CLS] id, [SEP] id, ids never generated): every special token but [SEP] (decoding drops
+    them, so [PAD]/[UNK]/[CLS]/[MASK] would be invisible words)."""
+    if tokenizer.cls_id is None or tokenizer.sep_id is None:
+        raise ValueError(f"captioning needs a tokenizer with a start and an end token ([CLS] / "
+                         f"[SEP] or <s> / </s>); this one has cls_id={tokenizer.cls_id}, "
+                         f"sep_id={tokenizer.sep_id}")
+    special = {i for i, t in tokenizer.hf.get_added_tokens_decoder().items() if t.special}
+    special |= {i for i in (tokenizer.pad_id, tokenizer.mask_id) if i is not None}
+    return tokenizer.cls_id, tokenizer.sep_id, sorted(special - {tokenizer.sep_id})
+
+
+def text_positions(backbone) -> int:
+    """How many word positions the backbone's text embedding has."""
+    if backbone.architecture == "single_stream":
+        return backbone.cfg.fusion.max_positions
+    return backbone.cfg.text.context_length
+
+
+def check_max_length(backbone, max_length: int, key: str = "caption.max_length") -> None:
+    # decoding feeds [CLS] + up to max_length - 1 tokens; training the same length
+    if max_length > text_positions(backbone):
+        raise ConfigError(f"{key}={max_length} exceeds the backbone's {text_positions(backbone)} "
+                          "text positions; lower it")
+
+
+def lm_inputs(tokenizer, captions: list[str], max_length: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (B, max_length): the tokenizer's
+    `[CLS] w1 .. wn [SEP] <pad>` without its last position as input, without its first as
+    targets, pads -100. A caption cut at max_length still ends in [SEP] (the tokenizer
+    truncates before adding it)."""
+    ids, mask = tokenizer(captions, max_length + 1)
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return ids[:, :-1], mask[:, :-1], labels
+
+
+def caption_step(model: FinetunedModel, visual: dict):
+    """(step function for the searches, number of images, device) for a collated batch of
+    images; the visual tokens are computed here once per image and reused by every step and
+    beam (rows pick their image's)."""
+    backbone, head = model.backbone, model.head
+    encoded = backbone.encode_visual(visual)
+    first = next(iter(encoded.values()))
+
+    def step(tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        rows = {k: v[images] for k, v in encoded.items()}
+        return head.next_token_logits(backbone, tokens, rows)
+
+    return step, first.shape[0], first.device
+
+
+@torch.no_grad()
+def generate(model: FinetunedModel, visual: dict, tokenizer, *, beam_size: int,
+             max_length: int, length_penalty: float = 1.0) -> list[str]:
+    """Captions of a collated batch of images (`visual`, on the model's device and dtype)."""
+    step, num_images, device = caption_step(model, visual)
+    bos, eos, banned = special_ids(tokenizer)
+    common = dict(bos_id=bos, eos_id=eos, max_length=max_length, banned_ids=banned,
+                  device=device)
+    if beam_size == 1:
+        seqs = greedy_search(step, num_images, **common)
+    else:
+        seqs = beam_search(step, num_images, beam_size=beam_size,
+                           length_penalty=length_penalty, **common)
+    return [tokenizer.decode(s).strip() for s in seqs]
+
+
+class CaptionTask:
+    name = "caption"
+    metric_names = ("train_token_acc",)
+
+    def __init__(self, cfg: FinetuneConfig, backbone, tokenizer, transform, root: Path):
+        self.cfg, self.backbone, self.tokenizer, self.transform = cfg, backbone, tokenizer, \
+            transform
+        c = cfg.caption
+        self.karpathy = Path(c.karpathy) if c.karpathy else root / "coco" / "dataset_coco.json"
+        # images: <data.images or ROOT>/<filepath>/<filename>, as retrieval reads the same file
+        # (COCO: the folder holding train2014/ and val2014/; the shapes world: ROOT/images/...)
+        self.images_dir = Path(cfg.data.images) if cfg.data.images else root
+        self.reader = VisualReader(backbone, transform, cfg.data.regions or (root / "regions"))
+        check_max_length(backbone, c.max_length)
+        special_ids(tokenizer)  # fail early on a tokenizer without start/end tokens
+        self.images = read_karpathy(self.karpathy)
+        train = [im for im in self.images if im["split"] in TRAIN_SPLITS]
+        if not train:
+            raise ValueError(f"{self.karpathy}: no images in the training splits "
+                             f"{list(TRAIN_SPLITS)}")
+        self.constant = most_frequent_caption([c for im in train for c in im["captions"]])
+
+    # ------------------------------------------------------------------ data
+    def image_path(self, record: dict) -> Path:
+        return self.images_dir / record["filepath"] / record["filename"]
+
+    def records(self, split: str) -> list[dict]:
+        """train: one record per caption of train + restval; val/test: one per image."""
+        if split == "train":
+            return [{**im, "caption": c} for im in self.images if im["split"] in TRAIN_SPLITS
+                    for c in im["captions"]]
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"caption split {split!r}: expected train, val or test")
+        records = [im for im in self.images if im["split"] == split]
+        if not records:
+            raise ValueError(f"{self.karpathy}: no images in split {split!r}")
+        return records
+
+    def dataset(self, split: str) -> RecordDataset:
+        records = self.records(split)
+        self.reader.check_files(sorted({self.image_path(r) for r in records}),
+                                f"caption {split} images ({self.images_dir}/<filepath>/"
+                                f"<filename>)")
+        if split == "train":
+            def item(record, visual):
+                return {"visual": visual, "caption": record["caption"]}
+        else:
+            def item(record, visual):
+                return {"visual": visual, "image_id": record["cocoid"]}
+        return RecordDataset(records, self.image_path, self.reader, item)
+
+    def collate(self, items: list) -> dict:
+        batch = collate_items(items)
+        if batch["batch_size"] and "caption" in batch:
+            batch["input_ids"], batch["attention_mask"], batch["labels"] = lm_inputs(
+                self.tokenizer, batch.pop("caption"), self.cfg.caption.max_length)
+        return batch
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, backbone=None) -> FinetunedModel:
+        return FinetunedModel(backbone or self.backbone, CaptionHead())
+
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, list[float]]:
+        dev, dtype = engine.device, engine.input_dtype
+        labels = batch["labels"].to(dev)
+        out = engine(input_ids=batch["input_ids"].to(dev),
+                     attention_mask=batch["attention_mask"].to(dev),
+                     visual=visual_to(batch["visual"], dev, dtype), labels=labels)
+        targets = labels[labels != -100]
+        loss = caption_loss(out["logits"], targets, self.cfg.caption.label_smoothing)
+        with torch.no_grad():
+            acc = (out["logits"].argmax(-1) == targets).float().mean().item()
+        return loss, [100.0 * acc]
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def predict(self, model: FinetunedModel, split: str, progress: bool) -> list[dict]:
+        data = self.dataset(split)
+        loader = torch.utils.data.DataLoader(data, batch_size=self.cfg.eval.batch_size,
+                                             num_workers=self.cfg.data.num_workers,
+                                             collate_fn=self.collate)
+        device = next(model.parameters()).device
+        c = self.cfg.caption
+        results = []
+        for batch in tqdm(loader, desc=f"caption {split}", disable=not progress):
+            if not batch["batch_size"]:
+                continue
+            captions = generate(model, visual_to(batch["visual"], device, torch.float32),
+                                self.tokenizer, beam_size=c.beam_size, max_length=c.max_length,
+                                length_penalty=c.length_penalty)
+            results += [{"image_id": i, "caption": cap}
+                        for i, cap in zip(batch["image_id"], captions)]
+        return results
+
+    def references(self, split: str):
+        """COCO-format references: caption.annotations, else the split's Karpathy sentences."""
+        from vlp.eval.caption_metric import karpathy_references
+
+        if self.cfg.caption.annotations:
+            return read_json(self.cfg.caption.annotations, "COCO captions (caption.annotations)")
+        return karpathy_references(self.karpathy, split)
+
+    def evaluate(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
+        from vlp.eval.caption_metric import evaluate_captions, format_table
+
+        records = self.records(split)
+        image_ids = [r["cocoid"] for r in records]
+        generated = {r["image_id"]: r["caption"] for r in self.predict(model.eval(), split,
+                                                                      progress)}
+        # an image that could not be read (or an empty decoding) still needs a caption: the
+        # baseline's, counted
+        fallback = [i for i in image_ids if not generated.get(i)]
+        results = [{"image_id": i, "caption": generated.get(i) or self.constant}
+                   for i in image_ids]
+        path = Path(out_dir) / f"caption_{split}_results.json"
+        path.write_text(json.dumps(results))
+        references = self.references(split)
+        metrics = evaluate_captions(results, references, image_ids)
+        print(format_table(metrics))
+        constant = [{"image_id": i, "caption": self.constant} for i in image_ids]
+        baseline = evaluate_captions(constant, references, image_ids)
+        for key in ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"):
+            metrics[f"caption_constant_{key}"] = baseline[key]
+        metrics["caption_fallback_captions"] = len(fallback)
+        metrics["caption_distinct_captions"] = len({r["caption"] for r in results})
+        metrics["caption_mean_words"] = sum(len(r["caption"].split()) for r in results) / \
+            len(results)
+        metrics["caption_beam_size"] = self.cfg.caption.beam_size
+        print(f"constant caption {self.constant!r}: CIDEr "
+              f"{metrics['caption_constant_CIDEr']:.2f}, BLEU_4 "
+              f"{metrics['caption_constant_BLEU_4']:.2f}; distinct captions "
+              f"{metrics['caption_distinct_captions']}/{len(results)}")
+        print(f"results: {path}")
+        return metrics
+
+    # ------------------------------------------------------------------ the model directory
+    def head_config(self) -> dict:
+        c = self.cfg.caption
+        return {"max_length": c.max_length, "beam_size": c.beam_size,
+                "length_penalty": c.length_penalty}
+
+    def save_files(self, folder: Path) -> None:
+        pass
+
+
+class CaptionModel:
+    """A fine-tuned captioning model: `caption(image)`, `captions([image, ...])`."""
+
+    def __init__(self, folder: str | Path, device: str = "cpu"):
+        config, self.model, self.tokenizer, transform = load_finetuned_parts(
+            folder, lambda config, backbone, tokenizer: CaptionHead())
+        self.model.to(device)
+        self.device = device
+        head = config["head"]
+        self.max_length, self.beam_size = head["max_length"], head["beam_size"]
+        self.length_penalty = head["length_penalty"]
+        self.reader = VisualReader(self.model.backbone, transform, None)
+
+    def caption(self, image, *, regions: str | Path | None = None, beam_size: int | None = None,
+                max_length: int | None = None) -> str:
+        """The caption of `image` (a PIL image or a file). Region backbones need the image's
+        region file (regions=PATH.npz). Defaults: the fine-tuning run's beam size and length."""
+        return self.captions([image], regions=None if regions is None else [regions],
+                             beam_size=beam_size, max_length=max_length)[0]
+
+    @torch.no_grad()
+    def captions(self, images: list, *, regions: list | None = None,
+                 beam_size: int | None = None, max_length: int | None = None,
+                 batch_size: int = 32) -> list[str]:
+        """Captions of many images, decoded `batch_size` images at a time."""
+        from vlp.data.transforms import to_pil_rgb
+
+        if regions is not None and len(regions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(regions)} region files")
+        beam_size = beam_size or self.beam_size
+        max_length = max_length or self.max_length
+        if beam_size < 1 or max_length < 1:
+            raise ValueError(f"beam_size={beam_size} and max_length={max_length} must be >= 1")
+        check_max_length(self.model.backbone, max_length, "max_length")
+        out: list[str] = []
+        for start in range(0, len(images), batch_size):
+            items = []
+            for n in range(start, min(start + batch_size, len(images))):
+                image = images[n]
+                image = Path(image) if isinstance(image, (str, Path)) else to_pil_rgb(image)
+                items.append(self.reader.read(image, regions_file=None if regions is None
+                                              else regions[n]))
+            visual = visual_to(collate_visual(items), self.device, torch.float32)
+            out += generate(self.model, visual, self.tokenizer, beam_size=beam_size,
+                            max_length=max_length, length_penalty=self.length_penalty)
+        return out
