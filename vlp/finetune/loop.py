@@ -89,6 +89,16 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> np
     return perm[rank::world_size][:per_rank]
 
 
+def _first_rows(batch, n: int):
+    """The first n samples of a collated batch (tensors and lists sliced on their first
+    dimension, nested dicts likewise)."""
+    if isinstance(batch, dict):
+        return {k: n if k == "batch_size" else _first_rows(v, n) for k, v in batch.items()}
+    if isinstance(batch, (torch.Tensor, list, tuple)):
+        return batch[:n]
+    return batch
+
+
 def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = None,
              progress: bool = True) -> dict:
     """Fine-tune `cfg.init_from` on `cfg.task`; writes checkpoints, OUT/model (loadable with
@@ -212,6 +222,12 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
             batch_in_epoch += 1
             skipped += batch.pop("skipped", 0)
             n = batch["batch_size"]
+            if world.size > 1:
+                # unreadable images leave ranks with different batch sizes; cross-rank losses
+                # (retrieval's all_gather) need equal ones: every rank keeps the smallest
+                smallest = int(dist.all_gather_rows([n], world)[:, 0].min())
+                if smallest < n:
+                    batch, n = _first_rows(batch, smallest), smallest
             if n:
                 loss, values = task.loss(engine, batch)
                 loss_value = loss.item()
@@ -285,10 +301,11 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
     final = task.build_model(Backbone(backbone.spec, tokenizer.vocab_size))
     final.load_state_dict(weights)
     final.eval()
+    device = engine.device
     folder = save_finetuned(out_dir / "model", task, final, tokenizer, transform)
     say(f"trained {engine.global_step} steps in {metrics['train_time_s']:.0f} s; skipped "
         f"samples: {skipped_total}; model: {folder}")
-    metrics.update(task.evaluate(final, cfg.eval.split, out_dir, progress))
+    metrics.update(task.evaluate(final.to(device), cfg.eval.split, out_dir, progress))
     metrics["total_time_s"] = round(time.time() - t_start, 1)
     log.write({"step": engine.global_step, "event": "end", **metrics})
     log.close()
@@ -319,6 +336,12 @@ def evaluate_finetuned(model_dir: str | Path, out_dir: str | Path, *, data_root:
         raise ConfigError(f"{model_dir} is a {config.get('architecture')!r} model, not a "
                           "fine-tuned one (vlp finetune TASK writes OUT/model)")
     cfg = load_config(None, [f"task={config['task']}", *(overrides or [])], cls=FinetuneConfig)
+    # the run's own task settings (beam size, lengths...) unless the command line overrides them
+    block = getattr(cfg, config["task"])
+    given = {o.split("=", 1)[0] for o in overrides or []}
+    for key, value in config.get("head", {}).items():
+        if hasattr(block, key) and f"{config['task']}.{key}" not in given:
+            setattr(block, key, value)
     if data_root:
         cfg.data.root = data_root
     root = benchmark_root(cfg, progress)

@@ -145,11 +145,13 @@ class VQATask:
                                              num_workers=self.cfg.data.num_workers,
                                              collate_fn=self.collate)
         results = []
+        device = next(model.parameters()).device
         for batch in tqdm(loader, desc=f"vqa {split}", disable=not progress):
             if not batch["batch_size"]:
                 continue
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           visual=batch["visual"])["logits"]
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device),
+                           visual=visual_to(batch["visual"], device, torch.float32))["logits"]
             for qid, k in zip(batch["question_id"], logits.argmax(1).tolist()):
                 results.append({"question_id": qid, "answer": self.answers[k]})
         return results
