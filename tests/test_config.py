@@ -54,5 +54,24 @@ def test_roundtrip_model_config():
 
 def test_shipped_configs_load():
     from pathlib import Path
-    for path in sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml")):
+    from vlp.config import FinetuneConfig
+
+    root = Path(__file__).parent.parent / "configs"
+    for path in sorted(root.glob("pretrain/*.yaml")):
         load_config(path)
+    finetune = sorted(root.glob("finetune/*.yaml"))
+    assert {p.stem.split("_")[0] for p in finetune} == {"vqa", "caption", "vcr", "retrieval"}
+    for path in finetune:
+        assert load_config(path, cls=FinetuneConfig).task == path.stem.split("_")[0]
+
+
+def test_overrides_after_options_reach_the_config(tmp_path, capsys):
+    """`vlp pretrain --out DIR key=value` and `vlp finetune vqa a=b --out DIR c=d`: overrides
+    after an option are overrides (argparse alone rejects them as unrecognized)."""
+    from vlp.cli import main
+
+    assert main(["pretrain", "--out", str(tmp_path / "a"), "--no-progress", "nosuch.key=1"]) == 2
+    assert "unknown config key 'nosuch'" in capsys.readouterr().err
+    assert main(["finetune", "vqa", "train.steps=2", "--out", str(tmp_path / "b"),
+                 "train.nosuch=3"]) == 2
+    assert "unknown config key 'train.nosuch'" in capsys.readouterr().err

@@ -247,6 +247,12 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
             print(f"{r['file']}: {r['count']} vectors, {r['factory']} ({r['reason']}); "
                   f"{r['search_params'] or 'no search parameters'}; recall@10 vs exact: "
                   f"{recall}; {r.get('qps', 0):.0f} queries/s")
+            name, what = ("t2i", "captions find their image") if modality == "image" else \
+                ("i2t", "images find their caption")
+            if f"{name}_R@10" in r:
+                print(f"  zero-shot {name}_R@10 ({what} in the top 10): {r[f'{name}_R@10']:.1f}%"
+                      f" (exact search {r[f'{name}_R@10_exact']:.1f}%, chance "
+                      f"{r[f'{name}_R@10_chance']:.1f}%)")
     print(f"wrote {args.out}/index_info.json")
     return 0
 
@@ -458,7 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives a positional list only the values before the first option: key=value
+    # overrides after `--out DIR` arrive here, and belong to it
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, EvalError) as e:
