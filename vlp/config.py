@@ -420,7 +420,8 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
 def _validate_finetune(cfg: FinetuneConfig) -> None:
     positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
                 "train.grad_accum": cfg.train.grad_accum, "eval.batch_size": cfg.eval.batch_size,
-                "vqa.num_answers": cfg.vqa.num_answers, "caption.max_length": cfg.caption.max_length,
+                "vqa.num_answers": cfg.vqa.num_answers,
+                "caption.max_length": cfg.caption.max_length,
                 "caption.beam_size": cfg.caption.beam_size, "vcr.max_length": cfg.vcr.max_length}
     for key, value in positive.items():
         if value <= 0:

@@ -23,7 +23,7 @@ from vlp.config import ConfigError, FinetuneConfig
 from vlp.finetune.task import FinetunedModel, load_finetuned_parts
 from vlp.finetune.visual import VisualReader, collate_visual, visual_to
 from vlp.models.heads.caption import CaptionHead, beam_search, caption_loss, greedy_search
-from vlp.tasks.common import RecordDataset, collate_items, read_json, require
+from vlp.tasks.common import RecordDataset, collate_items, eval_loader, read_json, require
 
 TRAIN_SPLITS = ("train", "restval")
 EVAL_SPLITS = ("val", "test")
@@ -205,10 +205,7 @@ class CaptionTask:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict(self, model: FinetunedModel, split: str, progress: bool) -> list[dict]:
-        data = self.dataset(split)
-        loader = torch.utils.data.DataLoader(data, batch_size=self.cfg.eval.batch_size,
-                                             num_workers=self.cfg.data.num_workers,
-                                             collate_fn=self.collate)
+        loader = eval_loader(self, split)
         device = next(model.parameters()).device
         c = self.cfg.caption
         results = []

@@ -81,3 +81,10 @@ def collate_items(items: list, text_fields: Callable | None = None) -> dict:
         values = [it[key] for it in kept]
         batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return batch
+
+
+def eval_loader(task, split: str) -> torch.utils.data.DataLoader:
+    """The task's `split` in order, in eval.batch_size batches, through its collate."""
+    return torch.utils.data.DataLoader(task.dataset(split), batch_size=task.cfg.eval.batch_size,
+                                       num_workers=task.cfg.data.num_workers,
+                                       collate_fn=task.collate)

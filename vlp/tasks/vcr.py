@@ -42,7 +42,8 @@ from vlp.config import ConfigError, FinetuneConfig
 from vlp.finetune.task import FinetunedModel, load_finetuned_parts
 from vlp.finetune.visual import VisualError, VisualReader, collate_visual, visual_to
 from vlp.models.heads.vcr import VCRHead, vcr_loss
-from vlp.tasks.common import RecordDataset, collate_items, read_json, read_jsonl, require
+from vlp.tasks.common import RecordDataset, collate_items, eval_loader, read_json, \
+    read_jsonl, require
 from vlp.tokenizer import Tokenizer
 
 NUM_CHOICES = 4
@@ -320,10 +321,7 @@ class VCRTask:
     def predict(self, model: FinetunedModel, split: str, progress: bool) -> list[dict]:
         """{"annot_id", "answer_probs" [4], "rationale_probs" [4][4] (given each answer) or [4]
         (given the right one)} for every readable question of `split`."""
-        data = self.dataset(split)
-        loader = torch.utils.data.DataLoader(data, batch_size=self.cfg.eval.batch_size,
-                                             num_workers=self.cfg.data.num_workers,
-                                             collate_fn=self.collate)
+        loader = eval_loader(self, split)
         device = next(model.parameters()).device
         rows = []
         for batch in tqdm(loader, desc=f"vcr {split}", disable=not progress):

@@ -20,7 +20,7 @@ from vlp.config import FinetuneConfig
 from vlp.finetune.task import FinetunedModel, load_finetuned_parts
 from vlp.finetune.visual import VisualReader, collate_visual, visual_to
 from vlp.models.heads.vqa import VQAHead, vqa_loss
-from vlp.tasks.common import RecordDataset, collate_items, read_json, require
+from vlp.tasks.common import RecordDataset, collate_items, eval_loader, read_json, require
 
 SPLITS = ("train", "val")  # VQA v2 test answers are on the evaluation server only
 
@@ -140,10 +140,7 @@ class VQATask:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict(self, model: FinetunedModel, split: str, progress: bool) -> list[dict]:
-        data = self.dataset(split)
-        loader = torch.utils.data.DataLoader(data, batch_size=self.cfg.eval.batch_size,
-                                             num_workers=self.cfg.data.num_workers,
-                                             collate_fn=self.collate)
+        loader = eval_loader(self, split)
         results = []
         device = next(model.parameters()).device
         for batch in tqdm(loader, desc=f"vqa {split}", disable=not progress):
