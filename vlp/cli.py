@@ -297,6 +297,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """`vlp eval vqa|caption|vcr --model DIR`: run a fine-tuned model instead of scoring a file."""
+    p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
+                   "run it on the benchmark instead of scoring --predictions")
+    p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
+                   "world's)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlp", description="vision-language pretraining")
     # `deepspeed --module vlp pretrain ...` runs `python -m vlp --local_rank=N pretrain ...`;
@@ -368,11 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", help="v2_OpenEnded_mscoco_*_questions.json")
     p.add_argument("--annotations", help="v2_mscoco_*_annotations.json")
     p.add_argument("--out", help="write the metrics as flat JSON here")
-    p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
-                   "run it on the benchmark instead of scoring --predictions")
-    p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
-                   "world's)")
-    p.add_argument("--no-progress", action="store_true")
+    _add_model_args(p)
     p.set_defaults(func=_cmd_eval_vqa)
     p = ev.add_parser("caption", help="COCO caption metrics: BLEU-1..4, METEOR, ROUGE-L, "
                       "CIDEr-D (pycocoevalcap; needs Java)")
@@ -381,11 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--karpathy", help="Karpathy's dataset_coco.json, instead of --annotations")
     p.add_argument("--split", help="the --karpathy split to score (default: test)")
     p.add_argument("--out", help="write the metrics as flat JSON here")
-    p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
-                   "run it on the benchmark instead of scoring --predictions")
-    p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
-                   "world's)")
-    p.add_argument("--no-progress", action="store_true")
+    _add_model_args(p)
     p.set_defaults(func=_cmd_eval_caption)
     p = ev.add_parser("vcr", help="VCR Q->A, QA->R and Q->AR accuracy")
     p.add_argument("--predictions", help="the leaderboard CSV (.csv) or JSON lines (.jsonl) "
@@ -393,11 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", help="VCR val.jsonl")
     p.add_argument("--images", help="with --model: the folder img_fn/metadata_fn are relative to")
     p.add_argument("--out", help="write the metrics as flat JSON here")
-    p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
-                   "run it on the benchmark instead of scoring --predictions")
-    p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
-                   "world's)")
-    p.add_argument("--no-progress", action="store_true")
+    _add_model_args(p)
     p.set_defaults(func=_cmd_eval_vcr)
 
     conv = sub.add_parser("convert", help="load other projects' checkpoints (local files)"
