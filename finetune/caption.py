@@ -2,10 +2,7 @@
 `vlp finetune caption --config configs/finetune/caption_shapes.yaml ...` (all logic is in vlp/)."""
 import sys
 
-from vlp.cli import main
+from vlp.cli import finetune_script
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args:
-        args = ["--config", "configs/finetune/caption_shapes.yaml", *args]
-    sys.exit(main(["finetune", "caption", *args]))
+    sys.exit(finetune_script("caption", sys.argv[1:]))

@@ -4,10 +4,7 @@
 vlp/)."""
 import sys
 
-from vlp.cli import main
+from vlp.cli import finetune_script
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args:
-        args = ["--config", "configs/finetune/retrieval_shapes.yaml", *args]
-    sys.exit(main(["finetune", "retrieval", *args]))
+    sys.exit(finetune_script("retrieval", sys.argv[1:]))

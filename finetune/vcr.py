@@ -2,10 +2,7 @@
 is `vlp finetune vcr --config configs/finetune/vcr_shapes.yaml ...` (all logic is in vlp/)."""
 import sys
 
-from vlp.cli import main
+from vlp.cli import finetune_script
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args:
-        args = ["--config", "configs/finetune/vcr_shapes.yaml", *args]
-    sys.exit(main(["finetune", "vcr", *args]))
+    sys.exit(finetune_script("vcr", sys.argv[1:]))

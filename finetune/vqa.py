@@ -2,10 +2,7 @@
 `vlp finetune vqa --config configs/finetune/vqa_shapes.yaml ...` (all logic is in vlp/)."""
 import sys
 
-from vlp.cli import main
+from vlp.cli import finetune_script
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if "--config" not in args:
-        args = ["--config", "configs/finetune/vqa_shapes.yaml", *args]
-    sys.exit(main(["finetune", "vqa", *args]))
+    sys.exit(finetune_script("vqa", sys.argv[1:]))

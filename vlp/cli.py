@@ -36,39 +36,46 @@ from vlp.config import ConfigError
 from vlp.eval.inputs import EvalError
 
 
-def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from vlp.config import load_config
-    from vlp.engine.train import NonFiniteLossError, pretrain
+def _train(run, cfg, args: argparse.Namespace, name: str) -> int:
+    """Run `run(cfg, out, ...)` (pretrain / finetune) with the exit codes both share: 130 after
+    a saved stop (Ctrl-C / SIGTERM), 1 when non-finite losses stopped it."""
+    from vlp.engine.train import NonFiniteLossError
 
-    cfg = load_config(args.config, args.overrides)  # fails here, before any work, on bad keys
-    out = args.out or f"runs/pretrain-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        pretrain(cfg, out, resume=args.resume, progress=not args.no_progress)
+        run(cfg, out, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
     except NonFiniteLossError as e:
-        print(f"vlp pretrain: stopped: {e}", file=sys.stderr)
+        print(f"vlp {args.command}: stopped: {e}", file=sys.stderr)
         return 1
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from vlp.config import load_config
+    from vlp.engine.train import pretrain
+
+    cfg = load_config(args.config, args.overrides)  # fails here, before any work, on bad keys
+    return _train(pretrain, cfg, args, "pretrain")
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from vlp.config import FinetuneConfig, load_config
-    from vlp.engine.train import NonFiniteLossError
     from vlp.finetune.loop import finetune
 
     cfg = load_config(args.config, [f"task={args.task}", *args.overrides], cls=FinetuneConfig)
     if cfg.task != args.task:
         raise ConfigError(f"{args.config} is a config for task {cfg.task!r}, not {args.task!r}")
-    out = args.out or f"runs/finetune-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        finetune(cfg, out, resume=args.resume, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        return 130
-    except NonFiniteLossError as e:
-        print(f"vlp finetune: stopped: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return _train(finetune, cfg, args, f"finetune-{args.task}")
+
+
+def finetune_script(task: str, argv: list[str]) -> int:
+    """finetune/<task>.py: `vlp finetune TASK` with configs/finetune/<task>_shapes.yaml unless
+    --config is given."""
+    if "--config" not in argv:
+        argv = ["--config", f"configs/finetune/{task}_shapes.yaml", *argv]
+    return main(["finetune", task, *argv])
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:

@@ -36,13 +36,18 @@ def ensure_shapes_world(folder: Path, *, images: int, seed: int, progress: bool 
     return folder
 
 
+def shapes_world(synth_dir: str, seed: int, images: int, progress: bool = True) -> Path:
+    """The shapes world's folder (`synth_dir`, else the cache's), generated if missing."""
+    folder = Path(synth_dir) if synth_dir else \
+        cache_root() / f"shapes-{SHAPES_FORMAT}-seed{seed}-n{images}"
+    return ensure_shapes_world(folder, images=images, seed=seed, progress=progress)
+
+
 def resolve_data(cfg: DataConfig, progress: bool = True) -> tuple[str, str]:
     """(train spec, val spec). With data.train empty, the shapes world (generated if missing)."""
     if cfg.train:
         return cfg.train, cfg.val
-    folder = Path(cfg.synth_dir) if cfg.synth_dir else \
-        cache_root() / f"shapes-{SHAPES_FORMAT}-seed{cfg.synth_seed}-n{cfg.synth_images}"
-    ensure_shapes_world(folder, images=cfg.synth_images, seed=cfg.synth_seed, progress=progress)
+    folder = shapes_world(cfg.synth_dir, cfg.synth_seed, cfg.synth_images, progress)
     return str(folder / "train"), cfg.val or str(folder / "val")
 
 

@@ -42,13 +42,10 @@ def benchmark_root(cfg: FinetuneConfig, progress: bool = True) -> Path:
         if not root.is_dir():
             raise FileNotFoundError(f"data.root={cfg.data.root!r} is not a folder")
         return root
-    from vlp.engine.setup import SHAPES_FORMAT, cache_root, ensure_shapes_world
+    from vlp.engine.setup import shapes_world
 
     d = cfg.data
-    folder = Path(d.synth_dir) if d.synth_dir else \
-        cache_root() / f"shapes-{SHAPES_FORMAT}-seed{d.synth_seed}-n{d.synth_images}"
-    ensure_shapes_world(folder, images=d.synth_images, seed=d.synth_seed, progress=progress)
-    return folder / "benchmarks"
+    return shapes_world(d.synth_dir, d.synth_seed, d.synth_images, progress) / "benchmarks"
 
 
 def build_task(cfg: FinetuneConfig, backbone: Backbone, tokenizer, transform, root: Path,
