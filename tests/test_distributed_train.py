@@ -7,67 +7,28 @@
 """
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from launch import ROOT, kill_after_checkpoint, run, train_log
 from safetensors.torch import load_file
 
-from vlp.data.pipeline import make_loader
+from vlp.data.pipeline import iter_captions, make_loader
+from vlp.data.shards import expand_urls
 from vlp.data.synth import generate
 from vlp.data.transforms import ImageTransform
-from vlp.engine.dist import LAUNCH_VARS
-from vlp.data.shards import expand_urls
-from vlp.tokenizer import iter_captions, load_tokenizer, train_tokenizer
+from vlp.tokenizer import load_tokenizer, train_tokenizer
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.layers=2",
         "model.vision.heads=2", "model.text.width=32", "model.text.layers=2",
         "model.text.heads=2", "tokenizer.vocab_size=200", "eval.at_end=false",
         "train.log_every=1", "train.precision=fp32", "train.threads=1"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _command(launcher: str, nproc: int, args: list[str]) -> list[str]:
-    if launcher == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()),
-                "--module", "vlp", "pretrain", *args]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(_port()), "-m", "vlp", "pretrain", *args]
-    return [sys.executable, "-m", "vlp", "pretrain", *args]
-
-
-def _env():
-    # not this pytest process's one-process world, if an in-process run made one
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _run(launcher: str, nproc: int, args: list[str], timeout=300):
-    proc = subprocess.run(_command(launcher, nproc, args), cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def _log(out: Path) -> list[dict]:
-    lines = (out / "train_log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r and "event" not in r]
+    return run(launcher, nproc, ["pretrain", *args], timeout)
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +88,14 @@ def test_two_processes_match_one_process_on_the_same_samples(shapes, tmp_path):
                        "data.shuffle_buffer=0", f"data.train={combined}",
                        f"tokenizer.path={two / 'tokenizer.json'}", f"train.steps={steps}",
                        f"train.batch_size={2 * batch}", "train.save_every=0"])
-    loss_two = [r["loss"] for r in _log(two)]
-    loss_one = [r["loss"] for r in _log(one)]
+    loss_two = [r["loss"] for r in train_log(two)]
+    loss_one = [r["loss"] for r in train_log(one)]
     assert len(loss_two) == len(loss_one) == steps
     # fp32 on both sides; the only difference is the order of float sums (gathers, reductions)
     assert loss_two == pytest.approx(loss_one, rel=1e-4), (loss_two, loss_one)
     assert loss_two[-1] < loss_two[0]  # and it trains
-    assert [r["samples_seen"] for r in _log(two)] == [2 * batch * (i + 1) for i in range(steps)]
+    assert [r["samples_seen"] for r in train_log(two)] == [2 * batch * (i + 1)
+                                                           for i in range(steps)]
     # The model directories, consolidated from 2 ZeRO-2 partitions and from 1, agree too.
     w_two = load_file(two / "model" / "model.safetensors")
     w_one = load_file(one / "model" / "model.safetensors")
@@ -176,23 +138,13 @@ def test_sigkill_then_resume_matches_uninterrupted(shapes, tmp_path):
     _run("torchrun", 2, ["--out", str(whole), *args])
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_command("deepspeed", 2, ["--out", str(killed), *args]), cwd=ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() == "step_00000003":
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # launcher, both ranks, their loader workers
-    output = proc.communicate()[0].decode(errors="replace")
-    assert proc.returncode == -signal.SIGKILL, output[-3000:]
-    done = [r["step"] for r in _log(killed)]
+    # SIGKILL to the launcher, both ranks, their loader workers, right after the checkpoint
+    kill_after_checkpoint("deepspeed", 2, ["pretrain", "--out", str(killed), *args], killed, 3)
+    done = [r["step"] for r in train_log(killed)]
     assert 3 in done and steps not in done  # killed after the checkpoint, before the end
 
     _run("deepspeed", 2, ["--out", str(killed), "--resume", "latest", *args])
-    a, b = _log(whole), _log(killed)
+    a, b = train_log(whole), train_log(killed)
     assert [r["step"] for r in b] == list(range(1, steps + 1))
     # the same batches on every rank at every step, and the same losses
     assert [r["data_digest"] for r in a] == [r["data_digest"] for r in b]
@@ -227,7 +179,7 @@ def test_uneven_shards_end_epochs_together(shapes, tmp_path):
                          f"tokenizer.path={shapes}/tokenizer.json", "data.num_workers=1",
                          "train.batch_size=8", "train.steps=14", "train.save_every=0"],
          timeout=180)
-    log = _log(out)
+    log = train_log(out)
     assert [r["step"] for r in log] == list(range(1, 15))
     # an epoch is at most 32 samples per process (the process with one shard) = 4 steps
     assert log[-1]["epoch"] >= 3

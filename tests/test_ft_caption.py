@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import vlp
 from vlp.cli import main
 from vlp.config import ConfigError, FinetuneConfig, ModelConfig, load_config, to_dict
-from vlp.finetune.backbone import Backbone
-from vlp.finetune.task import FinetunedModel
+from vlp.models.joint import JointEncoder
+from vlp.models.joint import FinetunedModel
 from vlp.models.heads.caption import CaptionHead, beam_search, greedy_search
 from vlp.tasks.caption import caption_step, lm_inputs, most_frequent_caption, special_ids
 from vlp.tokenizer import train_tokenizer
@@ -100,7 +100,7 @@ def test_beam_finds_what_greedy_misses():
     assert brute_force(step, 0, 6, 3, 0.0) == [5]
 
 
-def _backbone(kind: str) -> Backbone:
+def _backbone(kind: str) -> JointEncoder:
     """A tiny random backbone of each kind (the mask is a property of the code, not weights)."""
     cfg = ModelConfig()
     for tower in (cfg.vision, cfg.text, cfg.fusion):
@@ -116,7 +116,7 @@ def _backbone(kind: str) -> Backbone:
         spec["fusion"] = {"layers": 2, "heads": 2}
     spec["model"] = to_dict(cfg)
     torch.manual_seed(0)
-    return Backbone(spec, vocab_size=40).eval()
+    return JointEncoder(spec, vocab_size=40).eval()
 
 
 @pytest.mark.parametrize("kind", ["regions", "patches", "combined", "dual_tower"])
@@ -236,11 +236,12 @@ def test_caption_finetune_load_caption(ft_world, pretrained, tmp_path, family, m
                            [regions(im) for im in test[:4]])
     assert batch == [r["caption"] for r in results[:4]]
     # on the real model too: beam_size=1 decodes exactly as greedy search
-    from vlp.finetune.visual import collate_visual
+    from vlp.data.batch import Batch
+    from vlp.data.visual import collate_visual
 
     items = [model.reader.read(bench / im["filepath"] / im["filename"],
                                regions_file=regions(im)) for im in test[:4]]
-    step, n, _ = caption_step(model.model, collate_visual(items))
+    step, n, _ = caption_step(model.model, Batch(["x"] * 4, **collate_visual(items)).visual())
     bos, eos, banned = special_ids(model.tokenizer)
     common = dict(bos_id=bos, eos_id=eos, max_length=12, banned_ids=banned)
     with torch.no_grad():

@@ -13,10 +13,10 @@ import vlp
 from vlp.cli import main
 from vlp.config import ConfigError, FinetuneConfig, ModelConfig, to_dict
 from vlp.eval.retrieval import recall_at_k
-from vlp.finetune.backbone import Backbone
-from vlp.models.heads.retrieval import RetrievalHead
-from vlp.tasks.retrieval import RetrievalModel, RetrievalTask, read_karpathy, \
-    rerank_orders, rsum
+from vlp.data.karpathy import read_karpathy
+from vlp.models.joint import JointEncoder
+from vlp.tasks.retrieval import RetrievalHead, RetrievalModel, RetrievalTask, rerank_orders, \
+    rsum
 
 FT = ["train.steps=3", "train.batch_size=8", "train.save_every=2", "train.log_every=1",
       "eval.batch_size=16", "data.num_workers=0", "eval.split=test"]
@@ -86,7 +86,7 @@ def test_read_karpathy_flickr_style(tmp_path):
 
 
 def test_itm_hard_negatives_never_an_identical_caption(pretrained):
-    backbone, tokenizer, _ = Backbone.from_pretrained(pretrained("combined"))
+    backbone, tokenizer, _ = JointEncoder.from_pretrained(pretrained("combined"))
     head = RetrievalHead(train_itm=True)
     size = backbone.cfg.vision.image_size
     torch.manual_seed(0)
@@ -174,11 +174,11 @@ def test_retrieval_finetune_results_and_load(ft_world, pretrained, tmp_path, fam
 
 
 def test_single_stream_backbone_is_a_clear_error():
-    # a single-stream backbone as Backbone.from_pretrained builds it (random weights: the task
+    # a single-stream backbone as JointEncoder.from_pretrained builds it (random weights: the task
     # refuses it before reading anything)
     model = ModelConfig()
     model.visual_tokens = "patches"
-    backbone = Backbone({"architecture": "single_stream", "model": to_dict(model)}, 100)
+    backbone = JointEncoder({"architecture": "single_stream", "model": to_dict(model)}, 100)
     cfg = FinetuneConfig(task="retrieval", init_from="runs/vlbert/model")
     with pytest.raises(ConfigError, match="dual_tower or combined checkpoint.*ITM"):
         RetrievalTask(cfg, backbone, None, None, None)

@@ -16,8 +16,9 @@ from vlp.cli import main
 from vlp.config import FinetuneConfig
 from vlp.data.synth import SHAPES
 from vlp.eval.vcr_metric import evaluate_vcr
-from vlp.finetune.backbone import Backbone
-from vlp.finetune.visual import VisualReader, collate_visual
+from vlp.data.visual import VisualReader, collate_visual
+from vlp.models.joint import JointEncoder
+from vlp.tasks.common import Skipped
 from vlp.tasks.vcr import VCRTask, VCRText, max_reference, read_vcr, reference_words
 from vlp.tokenizer import Tokenizer
 
@@ -117,10 +118,10 @@ def test_shapes_world_regions_are_the_vcr_objects(ft_world):
 
 @pytest.mark.parametrize("family", ["regions", "patches", "dual_tower"])
 def test_grounding_changes_the_backbone_output(ft_world, pretrained, family):
-    backbone, tokenizer, transform = Backbone.from_pretrained(pretrained(family))
+    backbone, tokenizer, transform = JointEncoder.from_pretrained(pretrained(family))
     backbone.eval()
     bench = ft_world / "benchmarks"
-    reader = VisualReader(backbone, transform, bench / "regions")
+    reader = VisualReader(backbone.visual_needs(), transform, bench / "regions")
     r = next(r for r in read_vcr(bench / "vcr" / "val.jsonl") if len(r["objects"]) >= 2)
     meta = json.loads((bench / "vcr" / "images" / r["metadata_fn"]).read_text())
     boxes = None if backbone.objects_are_regions else [b[:4] for b in meta["boxes"]]
@@ -155,18 +156,19 @@ def test_a_reference_beyond_the_regions_is_skipped(ft_world, pretrained, tmp_pat
     cfg.vcr.train = cfg.vcr.val = str(path)
     cfg.vcr.condition_on_each_answer = False  # JSON lines, rationales given the right answer
     cfg.data.num_workers = 0
-    backbone, tokenizer, transform = Backbone.from_pretrained(pretrained("regions"))
+    backbone, tokenizer, transform = JointEncoder.from_pretrained(pretrained("regions"))
     task = VCRTask(cfg, backbone, tokenizer, transform, bench)
     data = task.dataset("val")
-    assert data[0] is not None and data[1] is None
+    # a skipped item carries its reason (it was None before skip counts had reasons)
+    assert not isinstance(data[0], Skipped) and data[1] == Skipped("missing_regions")
     batch = task.collate([data[0], data[1]])
-    assert batch["skipped"] == 1 and batch["input_ids"].shape[:3] == (1, 2, 4)
+    assert batch.skipped == {"missing_regions": 1} and batch.input_ids.shape[:3] == (1, 2, 4)
     train = task.dataset("train")  # one Q->A and one QA->R sample per question
-    assert len(train) == 4 and train[2] is None and train[3] is None
+    assert len(train) == 4 and train[2] == train[3] == Skipped("missing_regions")
     assert train[0]["labels"].tolist() == [good["answer_label"]]
     assert train[1]["labels"].tolist() == [good["rationale_label"]]
     # the skipped question still gets a (uniform) row; eval.split=test scores val
-    metrics = task.evaluate(task.build_model().eval(), "test", tmp_path, False)
+    metrics = task.score(task.build_model().eval(), "test", tmp_path, False)
     assert metrics["vcr_skipped_questions"] == 1 and metrics["vcr_questions"] == 2
     rows = [json.loads(x) for x in (tmp_path / "vcr_val_predictions.jsonl").read_text()
             .splitlines()]

@@ -12,6 +12,7 @@ from PIL import Image
 import vlp
 from vlp.cli import main
 from vlp.data.synth import generate
+from vlp.tokenizer import load_tokenizer
 
 TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.layers=2",
         "model.vision.heads=2", "model.text.width=32", "model.text.layers=2",
@@ -88,7 +89,8 @@ def tokenizer_path(shapes):
     """One tokenizer for runs that are compared: HF's WordPiece trainer breaks ties
     differently from run to run, so two runs that each train one differ in their ids."""
     from vlp.data.shards import expand_urls
-    from vlp.tokenizer import iter_captions, train_tokenizer
+    from vlp.data.pipeline import iter_captions
+    from vlp.tokenizer import train_tokenizer
 
     path = shapes / "tokenizer.json"
     train_tokenizer(iter_captions(expand_urls(f"{shapes}/train")), vocab_size=200).save(path)
@@ -232,7 +234,7 @@ def test_tokenizer_train_cli(shapes, tmp_path):
     out = tmp_path / "tok.json"
     assert main(["tokenizer", "train", "--data", f"{shapes}/train", "--out", str(out),
                  "--vocab-size", "150"]) == 0
-    tok = vlp.api.load_tokenizer(out)
+    tok = load_tokenizer(out)
     ids, mask = tok(["a red circle"], 8)
     assert tok.decode(ids[0]) == "a red circle"
 

@@ -180,7 +180,8 @@ def test_vlp_data_regions_tool(shapes, tmp_path):
     from vlp.data.transforms import ImageTransform
     from vlp.models import DualTower
     from vlp.models.regions import RoIRegionFeatures
-    from vlp.tokenizer import iter_captions, train_tokenizer
+    from vlp.data.pipeline import iter_captions
+    from vlp.tokenizer import train_tokenizer
 
     tok = train_tokenizer(iter_captions(expand_urls(f"{shapes}/train")), vocab_size=200)
     cfg = ModelConfig()
@@ -221,7 +222,7 @@ def test_vlp_data_regions_tool(shapes, tmp_path):
 
 
 def test_hard_negatives_follow_similarity():
-    from vlp.models.combined import hard_negatives
+    from vlp.objectives.matching import hard_negatives
 
     sim = torch.tensor([[9.0, 8.0, -9.0], [0.0, 9.0, 0.0], [-9.0, 8.0, 9.0]])
     g = torch.Generator().manual_seed(0)
@@ -261,7 +262,8 @@ def test_combined_config_errors(tmp_path, capsys):
 def test_attribute_words_found_after_the_tokenizer_padded(shapes):
     from vlp.data.shards import expand_urls
     from vlp.eval.single_stream import attribute_token_ids
-    from vlp.tokenizer import iter_captions, train_tokenizer
+    from vlp.data.pipeline import iter_captions
+    from vlp.tokenizer import train_tokenizer
 
     tok = train_tokenizer(iter_captions(expand_urls(f"{shapes}/train")), vocab_size=200)
     before = attribute_token_ids(tok)

@@ -39,7 +39,7 @@ from vlp.eval.inputs import EvalError
 def _train(run, cfg, args: argparse.Namespace, name: str) -> int:
     """Run `run(cfg, out, ...)` (pretrain / finetune) with the exit codes both share: 130 after
     a saved stop (Ctrl-C / SIGTERM), 1 when non-finite losses stopped it."""
-    from vlp.engine.train import NonFiniteLossError
+    from vlp.engine.loop import NonFiniteLossError
 
     out = args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
@@ -54,7 +54,7 @@ def _train(run, cfg, args: argparse.Namespace, name: str) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from vlp.config import load_config
-    from vlp.engine.train import pretrain
+    from vlp.recipes import pretrain
 
     cfg = load_config(args.config, args.overrides)  # fails here, before any work, on bad keys
     return _train(pretrain, cfg, args, "pretrain")
@@ -62,7 +62,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from vlp.config import FinetuneConfig, load_config
-    from vlp.finetune.loop import finetune
+    from vlp.tasks import finetune
 
     cfg = load_config(args.config, [f"task={args.task}", *args.overrides], cls=FinetuneConfig)
     if cfg.task != args.task:
@@ -89,7 +89,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_regions(args: argparse.Namespace) -> int:
-    from vlp.data.extract_regions import extract_regions
+    from vlp.extract_regions import extract_regions
     from vlp.data.shards import expand_urls
     from vlp.recipes.single_stream import manifest_regions
 
@@ -102,7 +102,8 @@ def _cmd_data_regions(args: argparse.Namespace) -> int:
 
 def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from vlp.data.shards import expand_urls
-    from vlp.tokenizer import iter_captions, train_tokenizer
+    from vlp.data.pipeline import iter_captions
+    from vlp.tokenizer import train_tokenizer
 
     tok = train_tokenizer(iter_captions(expand_urls(args.data)), vocab_size=args.vocab_size)
     tok.save(args.out)
@@ -179,7 +180,7 @@ def _eval_model(args: argparse.Namespace, files: dict[str, str | None]) -> dict 
     if args.predictions:
         raise EvalError("give --predictions FILE (score a results file) or --model DIR (run a "
                         "model), not both")
-    from vlp.finetune.loop import evaluate_finetuned
+    from vlp.tasks import evaluate_finetuned
 
     overrides = [f"{key}={value}" for key, value in files.items() if value]
     out_dir = Path(args.out).parent if args.out else Path(args.model).parent

@@ -139,7 +139,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 256
-    at_end: bool = True  # evaluate retrieval on data.val after training
+    at_end: bool = True  # evaluate on data.val after training
+    every: int = 0  # > 0: also every this many steps (rank 0, the live weights)
 
 
 @dataclass
@@ -248,6 +249,8 @@ class RetrievalTaskConfig:
 class FinetuneEvalConfig:
     batch_size: int = 128
     split: Literal["val", "test"] = "test"  # scored at the end of the run (Karpathy: test)
+    at_end: bool = True  # score eval.split with the official metric after training
+    every: int = 0  # > 0: also every this many steps (rank 0, the live weights)
 
 
 def _finetune_train() -> TrainConfig:
@@ -389,8 +392,10 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
-    if cfg.train.warmup_steps < 0:
-        raise ConfigError(f"train.warmup_steps={cfg.train.warmup_steps} must be >= 0")
+    for key, value in (("train.warmup_steps", cfg.train.warmup_steps),
+                       ("eval.every", cfg.eval.every)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
     f = cfg.model.fusion
@@ -428,7 +433,8 @@ def _validate_finetune(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"{key}={value} must be > 0")
     for key, value in (("epochs", cfg.epochs), ("train.warmup_steps", cfg.train.warmup_steps),
                        ("data.num_workers", cfg.data.num_workers),
-                       ("retrieval.rerank_k", cfg.retrieval.rerank_k)):
+                       ("retrieval.rerank_k", cfg.retrieval.rerank_k),
+                       ("eval.every", cfg.eval.every)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     if not 0.0 <= cfg.caption.label_smoothing < 1.0:

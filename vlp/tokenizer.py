@@ -17,7 +17,6 @@ import tokenizers
 import torch
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from vlp.data.pipeline import iter_captions  # re-exported: `vlp tokenizer train` reads shards
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first: id 0
 
@@ -288,5 +287,5 @@ def _from_bert_vocab(folder: Path) -> Tokenizer:
     return Tokenizer(wordpiece._tokenizer)
 
 
-__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "clip_bpe", "iter_captions",
+__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "clip_bpe",
            "SPECIAL_TOKENS"]

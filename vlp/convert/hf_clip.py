@@ -31,10 +31,12 @@ from pathlib import Path
 
 import torch
 
+from vlp import modeldir
 from vlp.config import ModelConfig, TextConfig, VisionConfig
 from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from vlp.models import DualTower
 from vlp.models.bert_init import mlp_ratio_for
+from vlp.models.pretrained import Pretrained
 from vlp.tokenizer import Tokenizer, load_tokenizer
 
 # HF hidden_act -> our activation (make_activation); others would compute something else
@@ -311,8 +313,6 @@ def _preprocessor_config(t: ImageTransform) -> dict:
 # ------------------------------------------------------------------------------------ commands
 def from_hf_clip(src: str | Path, out: str | Path) -> Path:
     """Convert the Hugging Face CLIPModel folder `src` into the vlp model directory `out`."""
-    from vlp.api import Pretrained
-
     src = Path(src)
     hf = read_clip_config(src)
     cfg = model_config_from_hf(hf)
@@ -338,10 +338,9 @@ def to_hf_clip(model_dir: str | Path, out: str | Path) -> Path:
     """Write the vlp dual tower in `model_dir` as a Hugging Face CLIPModel folder `out`:
     config.json, model.safetensors, tokenizer.json + tokenizer_config.json and
     preprocessor_config.json."""
-    import vlp
     from safetensors.torch import save_file
 
-    pretrained = vlp.load(model_dir)
+    pretrained = Pretrained.from_dir(modeldir.read(model_dir, ("dual_tower", "combined")))
     model, tok = pretrained.model, pretrained.tokenizer
     config = hf_config_from_model(model.cfg, tok, float(model.logit_scale.detach()[0]),
                                   str(model_dir))

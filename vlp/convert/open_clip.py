@@ -29,6 +29,7 @@ from vlp.config import ModelConfig, TextConfig, VisionConfig
 from vlp.convert.hf_clip import dual_tower_from_hf_state
 from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from vlp.models.bert_init import mlp_ratio_for
+from vlp.models.pretrained import Pretrained
 from vlp.tokenizer import Tokenizer, clip_bpe, load_tokenizer
 
 _ANY = object()  # a key whose value does not change the inference function
@@ -218,8 +219,6 @@ def from_open_clip(state: str | Path, out: str | Path, config: str | Path,
                    tokenizer: str | Path) -> Path:
     """Convert an OpenCLIP checkpoint into the vlp model directory `out`. `tokenizer`: a
     bpe_simple_vocab_16e6.txt.gz, a tokenizer.json, or a folder (HF tokenizer files)."""
-    from vlp.api import Pretrained
-
     cfg, preprocess = read_open_clip_config(config)
     tokenizer = str(tokenizer)
     tok = tokenizer_from_bpe_gz(tokenizer) if tokenizer.endswith(".gz") \

@@ -129,21 +129,24 @@ def format_skips(counts: dict[str, int]) -> str:
 
 
 # --------------------------------------------------------------------------- sample parsing
-class _Skip(Exception):
+class SkipSample(Exception):
+    """A sample that cannot be used; `reason` is one of SKIP_REASONS (counted, not fatal)."""
+
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
 
 
-def _read_json(raw: dict) -> dict:
+def read_json_member(raw: dict) -> dict:
+    """A sample's `.json` member as a dict ({} when it has none); SkipSample("bad_json")."""
     if "json" not in raw:
         return {}
     try:
         meta = json.loads(raw["json"])
     except (ValueError, UnicodeDecodeError):
-        raise _Skip("bad_json") from None
+        raise SkipSample("bad_json") from None
     if not isinstance(meta, dict):
-        raise _Skip("bad_json")
+        raise SkipSample("bad_json")
     return meta
 
 
@@ -168,7 +171,7 @@ def _read_captions(raw: dict, meta: dict) -> tuple[str, list[str]]:
 def _image_ext(raw: dict) -> str:
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
     if ext is None:
-        raise _Skip("missing_image")
+        raise SkipSample("missing_image")
     return ext
 
 
@@ -178,10 +181,11 @@ def _image_size(raw: dict) -> tuple[int, int]:
     try:
         return Image.open(io.BytesIO(raw[ext])).size
     except Exception:  # noqa: BLE001 - PIL raises many types
-        raise _Skip("corrupt_image") from None
+        raise SkipSample("corrupt_image") from None
 
 
-def _decode_image(raw: dict) -> Image.Image:
+def decode_image(raw: dict) -> Image.Image:
+    """A sample's image member, decoded to RGB; SkipSample for a missing or corrupt one."""
     ext = _image_ext(raw)
     try:
         image = Image.open(io.BytesIO(raw[ext]))
@@ -189,7 +193,7 @@ def _decode_image(raw: dict) -> Image.Image:
         # Converted here, not in the transform, so an odd mode is a counted skip, not a crash.
         return to_pil_rgb(image)
     except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, bomb...)
-        raise _Skip("corrupt_image") from None
+        raise SkipSample("corrupt_image") from None
 
 
 @dataclass(frozen=True)
@@ -225,66 +229,66 @@ def _is_coord(x) -> bool:
 
 
 def _json_regions(meta: dict, labels: dict[str, int]) -> tuple[list, np.ndarray]:
-    """(boxes in pixels, labels) from the json `objects`; _Skip for a malformed or missing list.
+    """(boxes in pixels, labels) from the json `objects`; SkipSample for a malformed or missing list.
     A label not in `labels` (or none) is IGNORE_LABEL."""
     objects = meta.get("objects")
     if objects is None:
-        raise _Skip("missing_regions")
+        raise SkipSample("missing_regions")
     if not isinstance(objects, list):
-        raise _Skip("bad_regions")
+        raise SkipSample("bad_regions")
     boxes, ids = [], []
     for o in objects:
         box = o.get("box") if isinstance(o, dict) else None
         if not isinstance(box, list) or len(box) != 4 or not all(_is_coord(v) for v in box):
-            raise _Skip("bad_regions")
+            raise SkipSample("bad_regions")
         label = o.get("label")
         boxes.append(box)
         ids.append(labels.get(label, IGNORE_LABEL) if isinstance(label, str) else IGNORE_LABEL)
     if not boxes:
-        raise _Skip("missing_regions")
+        raise SkipSample("missing_regions")
     return boxes, np.array(ids, np.int64)
 
 
-def _parse(raw: dict, visual: _Visual = _Visual(), geometry: ImageTransform | None = None
+def parse_sample(raw: dict, visual: _Visual = _Visual(), geometry: ImageTransform | None = None
            ) -> tuple[dict, str, list[str], Image.Image | None, Regions | None]:
-    """(json, txt, captions, image, regions) or _Skip. Cheap checks first: no decode for a
+    """(json, txt, captions, image, regions) or SkipSample. Cheap checks first: no decode for a
     sample that is skipped anyway.
 
     patches: image decoded, regions None. regions: image None, regions from the npz (boxes
     normalised by the original image size). roi_align: image decoded, regions from the json
     with boxes already mapped through `geometry` (an eval ImageTransform; the caller transforms
     the image with it). Regions are cut to the first visual.max_regions."""
-    meta = _read_json(raw)
+    meta = read_json_member(raw)
     txt, captions = _read_captions(raw, meta)
     if not captions:
-        raise _Skip("missing_caption")
+        raise SkipSample("missing_caption")
     if visual.mode == "patches":
-        return meta, txt, captions, _decode_image(raw), None
+        return meta, txt, captions, decode_image(raw), None
     if visual.mode == "regions":
         if REGIONS_EXT not in raw:
-            raise _Skip("missing_regions")
+            raise SkipSample("missing_regions")
         try:  # only needed when the npz has no image_w/image_h
             image_wh, no_size = _image_size(raw), None
-        except _Skip as skip:
+        except SkipSample as skip:
             image_wh, no_size = None, skip
         num_labels = None if visual.region_labels is None else len(visual.region_labels)
         try:
-            regions = read_regions(raw[REGIONS_EXT], image_wh, num_labels=num_labels)
+            regions = read_regions(raw[REGIONS_EXT], image_wh, num_labels=num_labels,
+                                   feature_dim=visual.region_dim,
+                                   max_regions=visual.max_regions)
         except UnknownImageSize:
             raise no_size from None
         except RegionError:
-            raise _Skip("bad_regions") from None
-        if visual.region_dim is not None and regions.features.shape[1] != visual.region_dim:
-            raise _Skip("bad_regions")
-        return meta, txt, captions, None, regions.first(visual.max_regions)
+            raise SkipSample("bad_regions") from None
+        return meta, txt, captions, None, regions
     boxes_px, labels = _json_regions(meta, visual.label_index())
-    image = _decode_image(raw)
+    image = decode_image(raw)
     try:
         boxes, keep = geometry.map_boxes(boxes_px, image.size)
     except RegionError:
-        raise _Skip("bad_regions") from None
+        raise SkipSample("bad_regions") from None
     if not keep.any():
-        raise _Skip("missing_regions")
+        raise SkipSample("missing_regions")
     return meta, txt, captions, image, Regions(None, boxes, labels[keep]).first(visual.max_regions)
 
 
@@ -320,7 +324,7 @@ def region_feature_dim(urls: str | Sequence[str], max_samples: int = PROBE_SAMPL
             continue
         try:
             wh = _image_size(sample)
-        except _Skip:
+        except SkipSample:
             wh = None
         try:
             return int(read_regions(sample[REGIONS_EXT], wh).features.shape[1])
@@ -499,8 +503,8 @@ class ShardDataset(IterableDataset):
             for i in range(index, len(entries)):  # the first `index` entries were consumed
                 shard, sample = entries[order[i]]
                 try:
-                    _, txt, captions, image, regions = _parse(sample, self.visual, self.geometry)
-                except _Skip as skip:
+                    _, txt, captions, image, regions = parse_sample(sample, self.visual, self.geometry)
+                except SkipSample as skip:
                     skips.add(skip.reason)
                     continue
                 rng = self._sample_rng(worker, shard, sample)
@@ -545,8 +549,9 @@ class ShardDataset(IterableDataset):
         input_ids, attention_mask = self.tokenizer(list(texts), self.context_length)
         extra = {} if self.visual.mode == "patches" else \
             collate_regions(regions, dim=self.visual.region_dim)
-        return Batch(pixel_values, input_ids, attention_mask, list(keys), skipped,
-                     worker=worker, position=position, **extra)
+        return Batch(list(keys), input_ids=input_ids, attention_mask=attention_mask,
+                     pixel_values=pixel_values, skipped=skipped, worker=worker,
+                     position=position, **extra)
 
 
 class StreamPosition:
@@ -775,8 +780,8 @@ def iter_eval_samples(urls: str | Sequence[str], transform: ImageTransform,
     skips = skips if skips is not None else SkipCounter()
     for sample in iter_tar_samples(urls, skips.shard_error):
         try:
-            meta, _, captions, image, regions = _parse(sample, spec, geometry)
-        except _Skip as skip:
+            meta, _, captions, image, regions = parse_sample(sample, spec, geometry)
+        except SkipSample as skip:
             skips.add(skip.reason)
             continue
         out = {"key": sample["__key__"], "captions": captions, "json": meta}
@@ -794,8 +799,8 @@ def iter_captions(urls: str | Sequence[str], skips: SkipCounter | None = None) -
     skips = skips if skips is not None else SkipCounter()
     for sample in iter_tar_samples(expand_urls(urls), skips.shard_error):
         try:
-            _, captions = _read_captions(sample, _read_json(sample))
-        except _Skip as skip:
+            _, captions = _read_captions(sample, read_json_member(sample))
+        except SkipSample as skip:
             skips.add(skip.reason)
             continue
         if not captions:

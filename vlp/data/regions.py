@@ -118,11 +118,14 @@ def clip_boxes(boxes_px: np.ndarray, image_wh: tuple[float, float]) -> tuple[np.
     return norm[keep], keep
 
 
-def read_regions(npz_bytes: bytes, image_wh: tuple | None, *,
-                 num_labels: int | None = None) -> Regions:
+def read_regions(npz_bytes: bytes, image_wh: tuple | None, *, num_labels: int | None = None,
+                 feature_dim: int | None = None, max_regions: int | None = None) -> Regions:
     """Parse and validate a `regions.npz` (see the module docstring for the format and the
     policy). `image_wh` (width, height) is used when the file has no image_w/image_h; None when
-    unknown. `num_labels`: labels outside [0, num_labels) become -100. Raises RegionError."""
+    unknown. `num_labels`: labels outside [0, num_labels) become -100. `feature_dim`: the
+    dataset's (or model's) D; another D is a RegionError. `max_regions`: the first ones kept
+    (file order). The one reader of region files, for shards and for benchmark folders alike.
+    Raises RegionError."""
     try:
         npz = np.load(io.BytesIO(npz_bytes), allow_pickle=False)
     except Exception as exn:  # noqa: BLE001 - zipfile, numpy and OSError all surface here
@@ -164,6 +167,9 @@ def read_regions(npz_bytes: bytes, image_wh: tuple | None, *,
     features = _real_array(features, "features")
     if features.shape[1] == 0:
         raise RegionError("features have D = 0")
+    if feature_dim is not None and features.shape[1] != feature_dim:
+        raise RegionError(f"features are {features.shape[1]}-d, the dataset's are "
+                          f"{feature_dim}-d")
 
     labels = arrays.get("labels")
     if labels is None:
@@ -186,4 +192,5 @@ def read_regions(npz_bytes: bytes, image_wh: tuple | None, *,
     boxes, keep = clip_boxes(boxes, image_wh)
     if not keep.any():
         raise RegionError("no box is inside the image")
-    return Regions(features[keep], boxes, labels[keep])
+    regions = Regions(features[keep], boxes, labels[keep])
+    return regions if max_regions is None else regions.first(max_regions)

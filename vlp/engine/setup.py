@@ -5,8 +5,9 @@ import os
 import shutil
 from pathlib import Path
 
-from vlp.config import DataConfig, TokenizerConfig
-from vlp.tokenizer import Tokenizer, iter_captions, load_tokenizer, train_tokenizer
+from vlp.config import DataConfig, FinetuneDataConfig, TokenizerConfig
+from vlp.data.pipeline import iter_captions
+from vlp.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 SHAPES_FORMAT = "v3"  # bump when the generator's output changes, so caches regenerate
 
@@ -77,3 +78,13 @@ def tokenizer_cache(data: DataConfig, vocab_size: int) -> Path | None:
     if data.train:
         return None
     return Path(resolve_data(data, progress=False)[0]).parent / f"tokenizer-{vocab_size}.json"
+
+
+def benchmark_root(cfg: FinetuneDataConfig, progress: bool = True) -> Path:
+    """data.root, else the shapes world's benchmarks folder (generated once if missing)."""
+    if cfg.root:
+        root = Path(cfg.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root={cfg.root!r} is not a folder")
+        return root
+    return shapes_world(cfg.synth_dir, cfg.synth_seed, cfg.synth_images, progress) / "benchmarks"

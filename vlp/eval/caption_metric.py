@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from vlp.data.karpathy import read_karpathy
 from vlp.eval.inputs import EvalError, describe, field, id_list, load_json, require_object
 
 METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -31,28 +32,22 @@ def _one_line(caption: str) -> str:
 
 def karpathy_references(dataset: str | os.PathLike | dict, split: str) -> dict:
     """COCO-format references ({"images", "annotations"}) for one split of Karpathy's
-    dataset_coco.json (or dataset_flickr30k.json): image ids are `cocoid` (else `imgid`),
-    captions the `raw` sentences (the untokenised COCO captions the server scores against)."""
+    dataset_coco.json (or dataset_flickr30k.json, or either parsed): image ids are `cocoid`
+    (else `imgid`), captions the `raw` sentences (the untokenised COCO captions the server
+    scores against)."""
     name = describe(dataset)
-    images_in = field(load_json(dataset, dict), "images", list, name)
-    images, annotations, splits = [], [], set()
-    for i, img in enumerate(images_in):
-        where = f"{name}: images[{i}]"
-        require_object(img, where)
-        splits.add(img.get("split"))
-        if img.get("split") != split:
-            continue
-        image_id = img["cocoid"] if "cocoid" in img else field(img, "imgid", int, where)
-        images.append({"id": image_id, "file_name": img.get("filename", "")})
-        for j, sent in enumerate(field(img, "sentences", list, where)):
-            here = f"{where}.sentences[{j}]"
-            require_object(sent, here)
-            caption = sent["raw"] if "raw" in sent else " ".join(field(sent, "tokens", list, here))
-            annotations.append({"id": sent.get("sentid", len(annotations)), "image_id": image_id,
-                                "caption": caption})
-    if not images:
+    try:
+        records = read_karpathy(dataset)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    chosen = [r for r in records if r["split"] == split]
+    if not chosen:
+        splits = {r["split"] for r in records}
         raise EvalError(f"{name}: no images in split {split!r} (splits present: "
                         f"{sorted(s for s in splits if isinstance(s, str))})")
+    images = [{"id": r["image_id"], "file_name": r["filename"]} for r in chosen]
+    annotations = [{"id": sentid, "image_id": r["image_id"], "caption": caption}
+                   for r in chosen for sentid, caption in r["captions"]]
     return {"info": {"description": f"Karpathy split {split!r} of {name}"},
             "images": images, "annotations": annotations}
 

@@ -37,7 +37,9 @@ def attribute_token_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(sorted(set(ids)), dtype=torch.long)
 
 
-class _Accuracy:
+class Accuracy:
+    """Argmax accuracy (percent) accumulated over batches; targets equal to IGNORE are left out."""
+
     def __init__(self):
         self.right, self.total = 0, 0
 
@@ -53,31 +55,36 @@ class _Accuracy:
 @torch.no_grad()
 def evaluate_single_stream(model, recipe, data: str, *, batch_size: int = 128,
                            progress: bool = True) -> dict:
+    """MLM / attribute-word MLM / ITM / MRC accuracy of `model` (a SingleStream, on its
+    device) on the shards `data`, each also with the visual tokens blanked; `recipe` supplies
+    the tokenizer, the visual token settings and the heads."""
     tok, cfg = recipe.tokenizer, recipe.cfg
+    device = next(model.parameters()).device
     loader = make_loader(data, tokenizer=tok,
                          transform=ImageTransform(cfg.model.vision.image_size, train=False),
                          batch_size=batch_size, context_length=cfg.model.text.context_length,
                          num_workers=0, shuffle_buffer=0, seed=0, caption="first",
                          drop_last=False, **recipe.loader_kwargs())
     attr_ids = attribute_token_ids(tok)
-    acc = {name: _Accuracy() for name in ("mlm", "attr_mlm", "itm", "mrc")}
-    acc.update({f"{name}_text_only": _Accuracy() for name in ("mlm", "attr_mlm", "itm")})
+    acc = {name: Accuracy() for name in ("mlm", "attr_mlm", "itm", "mrc")}
+    acc.update({f"{name}_text_only": Accuracy() for name in ("mlm", "attr_mlm", "itm")})
     n = 0
     for i, batch in enumerate(tqdm(loader, desc="eval single-stream", unit="batch",
                                    disable=not progress)):
         if not len(batch):
             continue
         n += len(batch)
+        batch = batch.to(device)
         ids, mask = batch.input_ids, batch.attention_mask
-        visual = recipe.visual_inputs(batch, "cpu", torch.float32)
-        g = torch.Generator().manual_seed(i)
+        visual = batch.visual(device, torch.float32)
+        g = torch.Generator(device).manual_seed(i)
         masked, labels = mask_tokens(ids, mask, prob=0.15, special_ids=recipe.special_ids,
                                      mask_id=tok.mask_id, vocab_size=tok.vocab_size, generator=g)
-        attr_in, attr_labels, is_attr = mask_words(ids, mask, attr_ids, tok.mask_id)
-        shifted = torch.roll(torch.arange(len(batch)), 1)
+        attr_in, attr_labels, is_attr = mask_words(ids, mask, attr_ids.to(device), tok.mask_id)
+        shifted = torch.roll(torch.arange(len(batch), device=device), 1)
         itm_ids = torch.cat([ids, ids[shifted]])
         itm_mask = torch.cat([mask, mask[shifted]])
-        itm_target = torch.cat([torch.ones(len(batch), dtype=torch.long),
+        itm_target = torch.cat([torch.ones(len(batch), dtype=torch.long, device=device),
                                 (ids[shifted] == ids).all(1).long()])
         itm_visual = {k: torch.cat([v, v]) for k, v in visual.items()}
         for blank, suffix in ((False, ""), (True, "_text_only")):

@@ -8,12 +8,15 @@ language modelling:
                            └─ tokens ─┴─ [text tokens | image tokens] -> fusion Transformer
                                           -> [CLS]: ITM    text positions: MLM
 
-ITM negatives are hard ones: for every image a text, and for every text an image, drawn from
-the batch with probability softmax(similarity) over the non-matching ones (ALBEF, Li et al.
-2021). ALBEF fuses by cross-attention; here the fusion layers attend over both token sets at
-once (METER's merged attention), with the same unified Transformer as everything else.
+ITM negatives are hard ones, drawn by the caller's sampler from the contrastive similarities
+(`negatives=`: vlp.objectives.matching.sample_matching_pairs, ALBEF's, Li et al. 2021). ALBEF
+fuses by cross-attention; here the fusion layers attend over both token sets at once (METER's
+merged attention), with the same unified Transformer as everything else. The fine-tuning joint
+encoder (vlp/models/joint.py) runs the same `fuse`.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +24,8 @@ from torch import nn
 
 from vlp.config import ModelConfig
 from vlp.models.encoder import Transformer, build_attention_mask
-from vlp.models.single_stream import MLMHead
+from vlp.models.single_stream import MLMHead, prefix_lm_mask
 from vlp.models.towers import DualTower
-
-
-def hard_negatives(similarity: torch.Tensor, generator=None) -> torch.Tensor:
-    """For each row i of `similarity` (B, B), a column j != i drawn with probability
-    softmax over the row without its diagonal (the more similar, the likelier)."""
-    b = similarity.shape[0]
-    weights = F.softmax(similarity.float(), dim=1)
-    weights = weights.masked_fill(torch.eye(b, dtype=torch.bool, device=similarity.device), 0)
-    weights = weights + 1e-12 * (~torch.eye(b, dtype=torch.bool, device=similarity.device))
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
 class Combined(nn.Module):
@@ -56,21 +49,47 @@ class Combined(nn.Module):
         self.towers.set_grad_checkpointing(enabled)
         self.fusion.grad_checkpointing = enabled
 
-    def fuse(self, text_tokens, text_mask, image_tokens, blank_visual: bool = False):
-        b = text_tokens.shape[0]
+    def fuse(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+             image_tokens: torch.Tensor, *, blank_visual: bool = False,
+             causal_text: bool = False) -> torch.Tensor:
+        """[text tokens | image tokens] through the fusion layers -> (B, L, W) states of the
+        text positions. `blank_visual`: the image tokens masked out (the same weights as a
+        text-only model); `causal_text`: words see earlier words and the whole image (the
+        prefix-LM mask a caption decoder needs)."""
+        n_text = text_tokens.shape[1]
         x = torch.cat([text_tokens + self.segment.weight[0],
                        image_tokens + self.segment.weight[1]], dim=1)
-        image_mask = torch.full(image_tokens.shape[:2], not blank_visual, dtype=torch.bool,
+        image_keep = torch.full(image_tokens.shape[:2], not blank_visual, dtype=torch.bool,
                                 device=x.device)
-        keep = torch.cat([text_mask.bool(), image_mask], dim=1)
-        return self.fusion(x, build_attention_mask("bidirectional", x.shape[1],
-                                                   padding_mask=keep))[:, :text_tokens.shape[1]]
+        keep = torch.cat([text_mask.bool(), image_keep], dim=1)
+        attn = build_attention_mask("bidirectional", x.shape[1], padding_mask=keep)
+        if causal_text:
+            attn = attn & prefix_lm_mask(n_text, x.shape[1], x.device)
+        return self.fusion(x, attn)[:, :n_text]
+
+    def itm_logits(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+                   image_tokens: torch.Tensor, blank_visual: bool = False) -> torch.Tensor:
+        """Tower tokens of N pairs -> (N, 2) ITM logits (column 1: "they match") from the
+        fused [CLS] state."""
+        return self.itm_head(self.fuse(text_tokens, text_mask, image_tokens,
+                                       blank_visual=blank_visual)[:, 0])
+
+    def matching(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                 text_mask: torch.Tensor, text_for_image: torch.Tensor,
+                 image_for_text: torch.Tensor, blank_visual: bool = False) -> torch.Tensor:
+        """(3B, 2) ITM logits of B positive pairs, each image with its hard negative caption
+        and each caption with its hard negative image (the order of MatchingPairs.labels)."""
+        pair_text = torch.cat([text_tokens, text_tokens[text_for_image], text_tokens])
+        pair_mask = torch.cat([text_mask, text_mask[text_for_image], text_mask])
+        pair_image = torch.cat([image_tokens, image_tokens, image_tokens[image_for_text]])
+        return self.itm_logits(pair_text, pair_mask, pair_image, blank_visual)
 
     def forward(self, pixel_values, input_ids, attention_mask, masked_ids=None, mlm_labels=None,
-                blank_visual: bool = False) -> dict[str, torch.Tensor]:
-        """-> image_features, text_features, logit_scale (ITC); itm_logits (3B, 2) and
-        itm_labels (B positives, then B image->hard text, B text->hard image negatives);
-        mlm_logits (M, vocab) for the positions with mlm_labels != -100."""
+                blank_visual: bool = False, negatives: Callable | None = None
+                ) -> dict[str, torch.Tensor]:
+        """-> image_features, text_features, logit_scale (ITC); with `negatives` (a sampler:
+        features, ids, logit scale -> MatchingPairs) itm_logits (3B, 2) and itm_labels;
+        with `mlm_labels` mlm_logits (M, vocab) for the positions with mlm_labels != -100."""
         towers = self.towers
         image_tokens = towers.visual.forward_features(pixel_values)
         text_tokens = towers.text.forward_features(input_ids, attention_mask)
@@ -78,24 +97,15 @@ class Combined(nn.Module):
         text_features = F.normalize(towers.text.forward_head(text_tokens, attention_mask), dim=-1)
         out = {"image_features": image_features, "text_features": text_features,
                "logit_scale": towers.scale()}
-        b = input_ids.shape[0]
-        with torch.no_grad():
-            sim = image_features.float() @ text_features.float().T
-            text_for_image = hard_negatives(sim) if b > 1 else torch.zeros(b, dtype=torch.long)
-            image_for_text = hard_negatives(sim.T) if b > 1 else torch.zeros(b, dtype=torch.long)
-        pair_text = torch.cat([text_tokens, text_tokens[text_for_image], text_tokens])
-        pair_mask = torch.cat([attention_mask, attention_mask[text_for_image], attention_mask])
-        pair_image = torch.cat([image_tokens, image_tokens, image_tokens[image_for_text]])
-        fused = self.fuse(pair_text, pair_mask, pair_image, blank_visual)
-        out["itm_logits"] = self.itm_head(fused[:, 0])
-        labels = torch.zeros(3 * b, dtype=torch.long, device=input_ids.device)
-        labels[:b] = 1
-        # a "negative" whose caption is token for token the positive's is a positive
-        labels[b:2 * b] = (input_ids[text_for_image] == input_ids).all(1).long()
-        labels[2 * b:] = (input_ids[image_for_text] == input_ids).all(1).long()
-        out["itm_labels"] = labels
+        if negatives is not None:
+            pairs = negatives(image_features, text_features, input_ids, out["logit_scale"])
+            out["itm_logits"] = self.matching(image_tokens, text_tokens, attention_mask,
+                                              pairs.text_for_image, pairs.image_for_text,
+                                              blank_visual)
+            out["itm_labels"] = pairs.labels
         if mlm_labels is not None:
             masked_tokens = towers.text.forward_features(masked_ids, attention_mask)
-            fused = self.fuse(masked_tokens, attention_mask, image_tokens, blank_visual)
+            fused = self.fuse(masked_tokens, attention_mask, image_tokens,
+                              blank_visual=blank_visual)
             out["mlm_logits"] = self.mlm_head(fused[mlm_labels != -100])
         return out

@@ -5,6 +5,8 @@ into a shared embedding space, and a learnable logit scale (temperature).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,11 +53,15 @@ class TextTower(nn.Module):
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.width ** -0.5)
 
-    def forward_features(self, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids and 1 = real token mask -> (B, L, width) token states."""
+    def forward_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                         causal: bool = False, add: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids and 1 = real token mask -> (B, L, width) token states. `causal`: causal
+        attention even for a bidirectional tower (a prefix-LM decoder over it); `add` (B, L,
+        width): added to the embeddings (grounded words: their objects' visual embeddings)."""
         x = self.embed(input_ids)
-        if self.cfg.mask == "causal":
+        if add is not None:
+            x = x + add
+        if causal or self.cfg.mask == "causal":
             # Sequences are right-padded, so under a causal mask a real token never sees a pad:
             # the plain is_causal path (no mask tensor) is exact and fastest.
             return self.transformer(x, is_causal=True)
@@ -90,7 +96,8 @@ class DualTower(nn.Module):
         if not vocab_size:
             raise ValueError("DualTower needs a vocabulary size: pass vocab_size= (the "
                              "tokenizer's) or set model.text.vocab_size")
-        cfg.text.vocab_size = vocab_size
+        # a copy: the caller's (validated, saved) config is not changed
+        cfg = replace(cfg, text=replace(cfg.text, vocab_size=vocab_size))
         self.cfg = cfg
         self.visual = VisionTower(cfg.vision, cfg.embed_dim)
         self.text = TextTower(cfg.text, vocab_size, cfg.embed_dim)

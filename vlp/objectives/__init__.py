@@ -1,4 +1,13 @@
-"""Losses per recipe; cross-rank gathers live here."""
-from vlp.objectives.contrastive import clip_loss, distributed_clip_loss, gather_with_grad
+"""Losses and the input corruption they need; cross-rank gathers live here.
 
-__all__ = ["clip_loss", "distributed_clip_loss", "gather_with_grad"]
+    contrastive     CLIP's InfoNCE over all processes' features (gather with gradients)
+    masking         BERT's token masking, region masking, mismatched pairs (single stream)
+    matching        image-text matching hard negatives (ALBEF), pretraining and fine-tuning
+    classification  cross-entropy with accuracy for the MLM / MRC / ITM heads
+"""
+from vlp.objectives.classification import classification_loss
+from vlp.objectives.contrastive import clip_loss, distributed_clip_loss, gather_with_grad
+from vlp.objectives.matching import MatchingPairs, hard_negatives, sample_matching_pairs
+
+__all__ = ["classification_loss", "clip_loss", "distributed_clip_loss", "gather_with_grad",
+           "MatchingPairs", "hard_negatives", "sample_matching_pairs"]

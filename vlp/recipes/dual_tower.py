@@ -1,31 +1,36 @@
 """The dual-tower (CLIP) recipe: contrastive loss over all processes' features; the model
-directory is a `vlp.load`-able `Pretrained`; evaluation is zero-shot retrieval."""
+directory is a `vlp.load`-able dual tower; evaluation is zero-shot retrieval on data.val."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from vlp.api import Pretrained
 from vlp.config import PretrainConfig
 from vlp.data.transforms import ImageTransform
+from vlp.engine.task import Task
+from vlp.eval.retrieval import evaluate_retrieval, format_table
 from vlp.models import DualTower
+from vlp.models.pretrained import Pretrained
 from vlp.objectives import clip_loss, distributed_clip_loss
 from vlp.tokenizer import Tokenizer
 
 
-class DualTowerRecipe:
+class DualTowerRecipe(Task):
     name = "dual_tower"
     metric_names = ("logit_scale",)
 
-    def __init__(self, cfg: PretrainConfig, tokenizer: Tokenizer, world_size: int):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: PretrainConfig, tokenizer: Tokenizer, world_size: int,
+                 val_spec: str = ""):
+        self.cfg, self.tokenizer, self.val_spec = cfg, tokenizer, val_spec
+        self.eval_transform = ImageTransform(cfg.model.vision.image_size, train=False)
         self._loss = distributed_clip_loss if world_size > 1 else clip_loss
 
     def loader_kwargs(self) -> dict:
+        """Extra make_loader arguments: none, the image is the visual input."""
         return {}
 
-    def build_model(self) -> DualTower:
+    def build_model(self, pretrained: bool = True) -> DualTower:
         return DualTower(self.cfg.model, self.tokenizer.vocab_size)
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, list[float]]:
@@ -36,17 +41,15 @@ class DualTowerRecipe:
                           scale.float())["contrastive_loss"]
         return loss, [float(scale.detach())]
 
-    def finish(self, weights: dict, out_dir: Path, val_spec: str, progress: bool) -> dict:
-        model = self.build_model()
-        model.load_state_dict(weights)
-        eval_tf = ImageTransform(self.cfg.model.vision.image_size, train=False)
-        pretrained = Pretrained(model, self.tokenizer, eval_tf)
-        pretrained.save(out_dir / "model")
-        if not (self.cfg.eval.at_end and val_spec):
-            return {}
-        from vlp.eval.retrieval import evaluate_retrieval, format_table
+    def save_model(self, model: DualTower, folder: Path) -> Path:
+        return Pretrained(model, self.tokenizer, self.eval_transform).save(folder)
 
-        metrics = evaluate_retrieval(pretrained, val_spec, batch_size=self.cfg.eval.batch_size,
-                                     progress=progress)
+    def evaluate(self, model: DualTower, out_dir: Path, progress: bool) -> dict:
+        if not self.val_spec:
+            return {}
+        device = next(model.parameters()).device
+        pretrained = Pretrained(model, self.tokenizer, self.eval_transform, device)
+        metrics = evaluate_retrieval(pretrained, self.val_spec,
+                                     batch_size=self.cfg.eval.batch_size, progress=progress)
         print(format_table(metrics))
         return metrics

@@ -11,17 +11,26 @@ contributes is measured.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from vlp import modeldir
 from vlp.config import ConfigError, PretrainConfig, to_dict
 from vlp.data.pipeline import region_feature_dim
+from vlp.data.transforms import ImageTransform
+from vlp.engine.task import Task
+from vlp.eval.single_stream import evaluate_single_stream, format_table
+from vlp.models.bert_init import load_bert_weights, mlp_ratio_for, read_bert_config
 from vlp.models.single_stream import SingleStream
+from vlp.objectives import classification_loss
 from vlp.objectives.masking import IGNORE, continuation_table, mask_regions, mask_tokens, \
     mismatch_pairs, special_token_ids
 from vlp.tokenizer import Tokenizer
+
+TIED = "mlm_head.word_embeddings.weight"  # the MLM decoder is the word embeddings, stored once
 
 REGION_TOOL = "vlp data regions --model RUN/model --data SHARDS --out DIR"
 
@@ -38,15 +47,14 @@ def manifest_regions(urls: list[str]) -> dict:
     return {}
 
 
-def adopt_bert_shape(cfg: PretrainConfig) -> list[str]:
+def adopt_bert_shape(cfg: PretrainConfig) -> tuple[PretrainConfig, list[str]]:
     """With model.init_text_from, the fusion Transformer takes the BERT folder's shape (width,
     layers, heads, MLP, activation, norm, post-LN, positions), and its vocabulary becomes the
-    tokenizer unless tokenizer.path names one. Returns what changed, for the log."""
+    tokenizer unless tokenizer.path names one. Returns (the resolved copy of `cfg`, what
+    changed, for the log); `cfg` itself is left as given."""
     folder = cfg.model.init_text_from
     if not folder:
-        return []
-    from vlp.models.bert_init import mlp_ratio_for, read_bert_config
-
+        return cfg, []
     bert = read_bert_config(folder)
     f = cfg.model.fusion
     wanted = {"width": bert["hidden_size"], "layers": bert["num_hidden_layers"],
@@ -55,23 +63,22 @@ def adopt_bert_shape(cfg: PretrainConfig) -> list[str]:
               "act": bert["act"], "norm_eps": bert["layer_norm_eps"], "norm_first": False,
               "max_positions": bert["max_position_embeddings"]}
     changed = [f"model.fusion.{k}={v}" for k, v in wanted.items() if getattr(f, k) != v]
-    for key, value in wanted.items():
-        setattr(f, key, value)
+    resolved = replace(cfg, model=replace(cfg.model, fusion=replace(f, **wanted)))
     if not cfg.tokenizer.path:
-        cfg.tokenizer.path = folder
+        resolved = replace(resolved, tokenizer=replace(cfg.tokenizer, path=folder))
         changed.append(f"tokenizer.path={folder}")
-    return changed
+    return resolved, changed
 
 
-class SingleStreamRecipe:
+class SingleStreamRecipe(Task):
     name = "single_stream"
 
     def __init__(self, cfg: PretrainConfig, tokenizer: Tokenizer, train_urls: list[str],
-                 world_size: int):
+                 world_size: int, val_spec: str = ""):
         self.cfg, self.tokenizer, self.kind = cfg, tokenizer, cfg.model.visual_tokens
+        self.val_spec = val_spec
+        self.eval_transform = ImageTransform(cfg.model.vision.image_size, train=False)
         if cfg.model.init_text_from:
-            from vlp.models.bert_init import read_bert_config
-
             bert_vocab = read_bert_config(cfg.model.init_text_from)["vocab_size"]
             if bert_vocab != tokenizer.vocab_size:
                 raise ConfigError(f"model.init_text_from has a {bert_vocab}-token vocabulary but "
@@ -114,13 +121,14 @@ class SingleStreamRecipe:
                 "region_labels": self.label_names or None,
                 "region_dim": self.feature_dim or None}
 
-    def build_model(self) -> SingleStream:
+    def describe(self) -> str:
+        return f"{self.name} ({self.kind}; {', '.join(self.heads)})"
+
+    def build_model(self, pretrained: bool = True) -> SingleStream:
         model = SingleStream(self.cfg.model, self.tokenizer.vocab_size,
                              region_feature_dim=self.feature_dim,
                              num_region_labels=len(self.label_names), heads=self.heads)
-        if self.cfg.model.init_text_from:
-            from vlp.models.bert_init import load_bert_weights
-
+        if pretrained and self.cfg.model.init_text_from:
             report = load_bert_weights(model.text_embed, model.transformer,
                                        self.cfg.model.init_text_from)
             if hasattr(model, "mlm_head") and report["mlm_head"]:
@@ -134,21 +142,10 @@ class SingleStreamRecipe:
         return model
 
     # ------------------------------------------------------------------ one step
-    def visual_inputs(self, batch, device, dtype) -> dict:
-        out = {}
-        if self.kind != "regions":
-            out["pixel_values"] = batch.pixel_values.to(device, dtype)
-        if self.kind != "patches":
-            out["region_boxes"] = batch.region_boxes.to(device, dtype)
-            out["region_mask"] = batch.region_mask.to(device)
-        if self.kind == "regions":
-            out["region_features"] = batch.region_features.to(device, dtype)
-        return out
-
     def loss(self, engine, batch) -> tuple[torch.Tensor, list[float]]:
         o, dev = self.cfg.objectives, engine.device
         ids, mask = batch.input_ids.to(dev), batch.attention_mask.to(dev)
-        visual = self.visual_inputs(batch, dev, engine.input_dtype)
+        visual = batch.visual(dev, engine.input_dtype)
         total = torch.zeros((), device=dev)
         metrics: dict[str, float] = {}
         masked_regions = None
@@ -167,11 +164,11 @@ class SingleStreamRecipe:
                          masked_regions=masked_regions, **visual)
             if labels is not None:
                 target = labels[labels != IGNORE]
-                total = total + o.mlm_weight * self._ce(out["mlm_logits"], target, metrics,
+                total = total + o.mlm_weight * classification_loss(out["mlm_logits"], target, metrics,
                                                         "mlm")
             if "mrc_logits" in out:
                 target = batch.region_labels.to(dev)[masked_regions]
-                total = total + o.mrc_weight * self._ce(out["mrc_logits"], target, metrics,
+                total = total + o.mrc_weight * classification_loss(out["mrc_logits"], target, metrics,
                                                         "mrc")
             if "mrfr_pred" in out:
                 pred, target = out["mrfr_pred"].float(), out["mrfr_target"].float()
@@ -182,45 +179,20 @@ class SingleStreamRecipe:
         if "itm" in self.heads:
             index, target = mismatch_pairs(ids, o.itm_neg_prob)
             out = engine(ids[index], mask[index], task="itm", **visual)
-            total = total + o.itm_weight * self._ce(out["itm_logits"], target, metrics, "itm")
+            total = total + o.itm_weight * classification_loss(out["itm_logits"], target, metrics, "itm")
         return total, [metrics.get(name, float("nan")) for name in self.metric_names]
 
-    @staticmethod
-    def _ce(logits, target, metrics, name) -> torch.Tensor:
-        """Cross-entropy (0 with no targets, keeping the graph) and accuracy into metrics."""
-        logits = logits.float()
-        target = target.to(logits.device)
-        if target.numel() == 0:
-            metrics[f"{name}_loss"] = float("nan")
-            return logits.sum() * 0.0
-        valid = target != IGNORE
-        loss = F.cross_entropy(logits, target, ignore_index=IGNORE) if valid.any() \
-            else logits.sum() * 0.0
-        metrics[f"{name}_loss"] = float(loss.detach())
-        if valid.any():
-            metrics[f"{name}_acc"] = float((logits.argmax(-1)[valid] == target[valid])
-                                           .float().mean())
-        return loss
-
     # ------------------------------------------------------------------ the end of a run
-    def finish(self, weights: dict, out_dir: Path, val_spec: str, progress: bool) -> dict:
-        from safetensors.torch import save_file
-
-        model = self.build_model()
-        model.load_state_dict(weights)
-        folder = out_dir / "model"
-        folder.mkdir(parents=True, exist_ok=True)
-        config = {"format_version": 1, "architecture": "single_stream",
-                  "model": to_dict(self.cfg.model), "region_feature_dim": self.feature_dim,
+    def save_model(self, model: SingleStream, folder: Path) -> Path:
+        config = {"model": to_dict(self.cfg.model), "region_feature_dim": self.feature_dim,
                   "region_labels": self.label_names, "heads": list(self.heads)}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in weights.items()
-                   if k != "mlm_head.word_embeddings.weight"}, str(folder / "model.safetensors"))
-        self.tokenizer.save(folder / "tokenizer.json")
-        if not (self.cfg.eval.at_end and val_spec):
-            return {}
-        from vlp.eval.single_stream import evaluate_single_stream, format_table
+        weights = {k: v for k, v in model.state_dict().items() if k != TIED}
+        return modeldir.write(folder, "single_stream", config, weights, self.tokenizer,
+                              self.eval_transform)
 
-        metrics = evaluate_single_stream(model.eval(), self, val_spec, progress=progress)
+    def evaluate(self, model: SingleStream, out_dir: Path, progress: bool) -> dict:
+        if not self.val_spec:
+            return {}
+        metrics = evaluate_single_stream(model, self, self.val_spec, progress=progress)
         print(format_table(metrics))
         return metrics

@@ -37,9 +37,10 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 
-# _parse/_Skip: the training pipeline's own sample parsing, so a sample is skipped here for
-# exactly the reasons (and with the same names) it is skipped in training and evaluation
-from vlp.data.pipeline import IMAGE_EXTS, SkipCounter, _parse, _Skip, accumulate, format_skips
+# the training pipeline's own sample parsing, so a sample is skipped here for exactly the
+# reasons (and with the same names) it is skipped in training and evaluation
+from vlp.data.pipeline import IMAGE_EXTS, SkipCounter, SkipSample, accumulate, format_skips, \
+    parse_sample
 from vlp.data.shards import count_samples, expand_urls, is_remote, iter_tar_samples
 
 FORMAT_VERSION = 1
@@ -340,12 +341,12 @@ def embed_corpus(model_dir: str | Path, data: str | Sequence[str], out: str | Pa
 def _add_sample(chunk: _Chunk, skips: SkipCounter, sample: dict, url: str, offsets, model,
                 batch_size: int) -> None:
     try:
-        meta, txt, captions, image, _ = _parse(sample)
-    except _Skip as skip:
+        meta, txt, captions, image, _ = parse_sample(sample)
+    except SkipSample as skip:
         skips.add(skip.reason)
         return
     key = sample["__key__"]
-    ext = next(e for e in IMAGE_EXTS if e in sample)  # _parse has found one
+    ext = next(e for e in IMAGE_EXTS if e in sample)  # parse_sample has found one
     member, off, size = (offsets or {}).get((key, ext), (None, None, None))
     chunk.rows.append((key, txt or captions[0], json.dumps(captions), url,
                        meta.get("url") if isinstance(meta.get("url"), str) else None,

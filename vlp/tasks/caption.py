@@ -20,36 +20,18 @@ import torch
 from tqdm import tqdm
 
 from vlp.config import ConfigError, FinetuneConfig
-from vlp.finetune.task import FinetunedModel, load_finetuned_parts
-from vlp.finetune.visual import VisualReader, collate_visual, visual_to
+from vlp.data.batch import Batch
+from vlp.data.jsonfiles import read_json
+from vlp.data.karpathy import read_karpathy
+from vlp.data.visual import collate_visual
+from vlp.eval.caption_metric import evaluate_captions, format_table, karpathy_references
 from vlp.models.heads.caption import CaptionHead, beam_search, caption_loss, greedy_search
-from vlp.tasks.common import RecordDataset, collate_items, eval_loader, read_json, require
+from vlp.models.joint import FinetunedModel, JointEncoder
+from vlp.tasks.common import FinetuneTask, RecordDataset, collate_items, load_finetuned_parts, \
+    reader_for
 
 TRAIN_SPLITS = ("train", "restval")
 EVAL_SPLITS = ("val", "test")
-
-
-def read_karpathy(path: str | Path) -> list[dict]:
-    """dataset_coco.json -> [{"cocoid", "split", "filepath", "filename", "captions"}] (every
-    image, in file order; `cocoid`, else `imgid` as in dataset_flickr30k.json)."""
-    data = read_json(path, "Karpathy split (caption.karpathy)")
-    require(data, ("images",), f"Karpathy split {path}")
-    images = []
-    for n, img in enumerate(data["images"]):
-        where = f"{path}: images[{n}]"
-        require(img, ("split", "filename", "sentences"), where)
-        if "cocoid" not in img and "imgid" not in img:
-            raise ValueError(f"{where}: no image id (cocoid or imgid)")
-        captions = []
-        for k, sent in enumerate(img["sentences"]):
-            if "raw" not in sent and "tokens" not in sent:
-                raise ValueError(f"{where}.sentences[{k}]: no caption (raw or tokens)")
-            # raw: the untokenised caption (what the metric's references are made of)
-            captions.append(sent["raw"] if "raw" in sent else " ".join(sent["tokens"]))
-        images.append({"cocoid": img.get("cocoid", img.get("imgid")), "split": img["split"],
-                       "filepath": img.get("filepath", ""), "filename": img["filename"],
-                       "captions": captions})
-    return images
 
 
 def most_frequent_caption(captions: list[str]) -> str:
@@ -72,17 +54,10 @@ def special_ids(tokenizer) -> tuple[int, int, list[int]]:
     return tokenizer.cls_id, tokenizer.sep_id, sorted(special - {tokenizer.sep_id})
 
 
-def text_positions(backbone) -> int:
-    """How many word positions the backbone's text embedding has."""
-    if backbone.architecture == "single_stream":
-        return backbone.cfg.fusion.max_positions
-    return backbone.cfg.text.context_length
-
-
-def check_max_length(backbone, max_length: int, key: str = "caption.max_length") -> None:
+def check_max_length(encoder, max_length: int, key: str = "caption.max_length") -> None:
     # decoding feeds [CLS] + up to max_length - 1 tokens; training the same length
-    if max_length > text_positions(backbone):
-        raise ConfigError(f"{key}={max_length} exceeds the backbone's {text_positions(backbone)} "
+    if max_length > encoder.text_positions:
+        raise ConfigError(f"{key}={max_length} exceeds the backbone's {encoder.text_positions} "
                           "text positions; lower it")
 
 
@@ -128,22 +103,24 @@ def generate(model: FinetunedModel, visual: dict, tokenizer, *, beam_size: int,
     return [tokenizer.decode(s).strip() for s in seqs]
 
 
-class CaptionTask:
+class CaptionTask(FinetuneTask):
     name = "caption"
     metric_names = ("train_token_acc",)
 
-    def __init__(self, cfg: FinetuneConfig, backbone, tokenizer, transform, root: Path):
-        self.cfg, self.backbone, self.tokenizer, self.transform = cfg, backbone, tokenizer, \
-            transform
+    def __init__(self, cfg: FinetuneConfig, encoder: JointEncoder, tokenizer, transform,
+                 root: Path, world_size: int = 1):
+        super().__init__(cfg, encoder, tokenizer, transform, root, world_size)
         c = cfg.caption
         self.karpathy = Path(c.karpathy) if c.karpathy else root / "coco" / "dataset_coco.json"
         # images: <data.images or ROOT>/<filepath>/<filename>, as retrieval reads the same file
         # (COCO: the folder holding train2014/ and val2014/; the shapes world: ROOT/images/...)
         self.images_dir = Path(cfg.data.images) if cfg.data.images else root
-        self.reader = VisualReader(backbone, transform, cfg.data.regions or (root / "regions"))
-        check_max_length(backbone, c.max_length)
+        self.reader = reader_for(encoder, transform, cfg.data.regions or (root / "regions"))
+        check_max_length(encoder, c.max_length)
         special_ids(tokenizer)  # fail early on a tokenizer without start/end tokens
-        self.images = read_karpathy(self.karpathy)
+        # every image, in file order (image_id: cocoid, else imgid)
+        self.images = [{**im, "captions": [text for _, text in im["captions"]]}
+                       for im in read_karpathy(self.karpathy)]
         train = [im for im in self.images if im["split"] in TRAIN_SPLITS]
         if not train:
             raise ValueError(f"{self.karpathy}: no images in the training splits "
@@ -173,29 +150,30 @@ class CaptionTask:
                                 f"<filename>)")
         if split == "train":
             def item(record, visual):
-                return {"visual": visual, "caption": record["caption"]}
+                return {"visual": visual, "image_id": record["image_id"],
+                        "caption": record["caption"]}
         else:
             def item(record, visual):
-                return {"visual": visual, "image_id": record["cocoid"]}
+                return {"visual": visual, "image_id": record["image_id"]}
         return RecordDataset(records, self.image_path, self.reader, item)
 
-    def collate(self, items: list) -> dict:
-        batch = collate_items(items)
-        if batch["batch_size"] and "caption" in batch:
-            batch["input_ids"], batch["attention_mask"], batch["labels"] = lm_inputs(
-                self.tokenizer, batch.pop("caption"), self.cfg.caption.max_length)
+    def collate(self, items: list) -> Batch:
+        batch = collate_items(items, "image_id")
+        if len(batch) and "caption" in batch.fields:
+            batch.input_ids, batch.attention_mask, batch.fields["labels"] = lm_inputs(
+                self.tokenizer, batch.fields.pop("caption"), self.cfg.caption.max_length)
         return batch
 
     # ------------------------------------------------------------------ model
-    def build_model(self, backbone=None) -> FinetunedModel:
-        return FinetunedModel(backbone or self.backbone, CaptionHead())
+    def make_head(self, encoder: JointEncoder) -> CaptionHead:
+        return CaptionHead()
 
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, list[float]]:
+    def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, list[float]]:
         dev, dtype = engine.device, engine.input_dtype
-        labels = batch["labels"].to(dev)
-        out = engine(input_ids=batch["input_ids"].to(dev),
-                     attention_mask=batch["attention_mask"].to(dev),
-                     visual=visual_to(batch["visual"], dev, dtype), labels=labels)
+        labels = batch.fields["labels"].to(dev)
+        out = engine(input_ids=batch.input_ids.to(dev),
+                     attention_mask=batch.attention_mask.to(dev),
+                     visual=batch.visual(dev, dtype), labels=labels)
         targets = labels[labels != -100]
         loss = caption_loss(out["logits"], targets, self.cfg.caption.label_smoothing)
         with torch.no_grad():
@@ -205,35 +183,30 @@ class CaptionTask:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict(self, model: FinetunedModel, split: str, progress: bool) -> list[dict]:
-        loader = eval_loader(self, split)
+        loader = self.eval_loader(split)
         device = next(model.parameters()).device
         c = self.cfg.caption
         results = []
         for batch in tqdm(loader, desc=f"caption {split}", disable=not progress):
-            if not batch["batch_size"]:
+            if not len(batch):
                 continue
-            captions = generate(model, visual_to(batch["visual"], device, torch.float32),
+            captions = generate(model, batch.visual(device, torch.float32),
                                 self.tokenizer, beam_size=c.beam_size, max_length=c.max_length,
                                 length_penalty=c.length_penalty)
             results += [{"image_id": i, "caption": cap}
-                        for i, cap in zip(batch["image_id"], captions)]
+                        for i, cap in zip(batch.fields["image_id"], captions)]
         return results
 
     def references(self, split: str):
         """COCO-format references: caption.annotations, else the split's Karpathy sentences."""
-        from vlp.eval.caption_metric import karpathy_references
-
         if self.cfg.caption.annotations:
             return read_json(self.cfg.caption.annotations, "COCO captions (caption.annotations)")
         return karpathy_references(self.karpathy, split)
 
-    def evaluate(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
-        from vlp.eval.caption_metric import evaluate_captions, format_table
-
+    def score(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
         records = self.records(split)
-        image_ids = [r["cocoid"] for r in records]
-        generated = {r["image_id"]: r["caption"] for r in self.predict(model.eval(), split,
-                                                                      progress)}
+        image_ids = [r["image_id"] for r in records]
+        generated = {r["image_id"]: r["caption"] for r in self.predict(model, split, progress)}
         # an image that could not be read (or an empty decoding) still needs a caption: the
         # baseline's, counted
         fallback = [i for i in image_ids if not generated.get(i)]
@@ -266,22 +239,20 @@ class CaptionTask:
         return {"max_length": c.max_length, "beam_size": c.beam_size,
                 "length_penalty": c.length_penalty}
 
-    def save_files(self, folder: Path) -> None:
-        pass
-
 
 class CaptionModel:
     """A fine-tuned captioning model: `caption(image)`, `captions([image, ...])`."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
-        config, self.model, self.tokenizer, transform = load_finetuned_parts(
-            folder, lambda config, backbone, tokenizer: CaptionHead())
+    def __init__(self, folder, device: str = "cpu"):
+        """`folder`: a fine-tuned caption model directory (a path or a modeldir.ModelDir)."""
+        folder, self.model, self.tokenizer, transform = load_finetuned_parts(
+            folder, lambda config, encoder: CaptionHead())
         self.model.to(device)
         self.device = device
-        head = config["head"]
+        head = folder.config["head"]
         self.max_length, self.beam_size = head["max_length"], head["beam_size"]
         self.length_penalty = head["length_penalty"]
-        self.reader = VisualReader(self.model.backbone, transform, None)
+        self.reader = reader_for(self.model.backbone, transform, None)
 
     def caption(self, image, *, regions: str | Path | None = None, beam_size: int | None = None,
                 max_length: int | None = None) -> str:
@@ -312,7 +283,8 @@ class CaptionModel:
                 image = Path(image) if isinstance(image, (str, Path)) else to_pil_rgb(image)
                 items.append(self.reader.read(image, regions_file=None if regions is None
                                               else regions[n]))
-            visual = visual_to(collate_visual(items), self.device, torch.float32)
+            visual = Batch([""] * len(items), **collate_visual(items)).visual(self.device,
+                                                                              torch.float32)
             out += generate(self.model, visual, self.tokenizer, beam_size=beam_size,
                             max_length=max_length, length_penalty=self.length_penalty)
         return out

@@ -1,53 +1,36 @@
-"""Pieces every task shares: a map-style dataset over benchmark records whose unreadable
-images are skipped and counted, batch collation, and reading official JSON files with clear
-errors."""
+"""What every fine-tuning task shares: the task base class (the joint encoder from
+`init_from`, its model directory, evaluation on `eval.split`), a map-style dataset over
+benchmark records whose unusable images are skipped and counted, collation into a `Batch`, and
+reading official JSON files with clear errors."""
 from __future__ import annotations
 
-import json
+from abc import abstractmethod
+from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+from torch import nn
 
-from vlp.finetune.visual import VisualError, VisualReader, collate_visual
-
-
-def read_json(path: str | Path, what: str):
-    """A JSON file, or a clear error naming it and what it should be."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{what}: {path} is not valid JSON ({e})") from None
+from vlp import modeldir
+from vlp.config import FinetuneConfig
+from vlp.data.batch import Batch
+from vlp.data.transforms import ImageTransform
+from vlp.data.visual import VisualError, VisualReader, collate_visual
+from vlp.engine.task import Task
+from vlp.models.joint import FinetunedModel, JointEncoder
+from vlp.tokenizer import Tokenizer
 
 
-def read_jsonl(path: str | Path, what: str) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
-    rows = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError as e:
-                raise ValueError(f"{what}: {path} line {n} is not valid JSON ({e})") from None
-    return rows
-
-
-def require(record: dict, fields: tuple[str, ...], where: str) -> None:
-    missing = [f for f in fields if f not in record]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {missing}; it has {sorted(record)}")
+class Skipped(NamedTuple):
+    """A dataset item whose image (or region file, or object) cannot be used."""
+    reason: str
 
 
 class RecordDataset(torch.utils.data.Dataset):
-    """records[i] -> make_item(record, visual inputs) or None when its image is unusable (the
-    collate function drops and counts those)."""
+    """records[i] -> make_item(record, visual inputs), or `Skipped(reason)` when its visual
+    input is unusable (`collate_items` drops and counts those). `make_item` may itself return
+    a Skipped (e.g. a question about an object the image has no region for)."""
 
     def __init__(self, records: list, image_of: Callable, reader: VisualReader,
                  make_item: Callable, object_boxes_of: Callable | None = None):
@@ -62,29 +45,115 @@ class RecordDataset(torch.utils.data.Dataset):
         try:
             boxes = self.object_boxes_of(record) if self.object_boxes_of else None
             visual = self.reader.read(self.image_of(record), boxes)
-        except VisualError:
-            return None
+        except VisualError as e:
+            return Skipped(e.reason)
         return self.make_item(record, visual)
 
 
-def collate_items(items: list, text_fields: Callable | None = None) -> dict:
-    """Drop None items (counted in "skipped"), collate the visual inputs into "visual", stack
-    tensor fields, keep lists of everything else. "batch_size": the items kept."""
-    kept = [it for it in items if it is not None]
-    batch: dict = {"skipped": len(items) - len(kept), "batch_size": len(kept)}
+def collate_items(items: list, key: str) -> Batch:
+    """Items -> a Batch: Skipped items dropped and counted by reason, the visual inputs into
+    the Batch's fields, `key` (an item field) naming each sample, and every other field into
+    `batch.fields` (tensors stacked, other values as lists)."""
+    kept = [it for it in items if not isinstance(it, Skipped)]
+    skipped = dict(Counter(it.reason for it in items if isinstance(it, Skipped)))
     if not kept:
-        return batch
-    batch["visual"] = collate_visual([it["visual"] for it in kept])
-    for key in kept[0]:
-        if key == "visual":
+        return Batch([], skipped=skipped)
+    batch = Batch([str(it[key]) for it in kept], skipped=skipped,
+                  **collate_visual([it["visual"] for it in kept]))
+    for name in kept[0]:
+        if name == "visual":
             continue
-        values = [it[key] for it in kept]
-        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+        values = [it[name] for it in kept]
+        batch.fields[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) \
+            else values
     return batch
 
 
-def eval_loader(task, split: str) -> torch.utils.data.DataLoader:
-    """The task's `split` in order, in eval.batch_size batches, through its collate."""
-    return torch.utils.data.DataLoader(task.dataset(split), batch_size=task.cfg.eval.batch_size,
-                                       num_workers=task.cfg.data.num_workers,
-                                       collate_fn=task.collate)
+def reader_for(encoder: JointEncoder, transform: ImageTransform,
+               regions_dir: str | Path | None) -> VisualReader:
+    """The visual reader for what `encoder`'s visual tokens need."""
+    return VisualReader(encoder.visual_needs(), transform, regions_dir)
+
+
+class FinetuneTask(Task):
+    """A benchmark task: the joint encoder of `init_from` (or of a fine-tuned model directory)
+    plus the task's head. Subclasses give the head, the data and the official metric."""
+
+    def __init__(self, cfg: FinetuneConfig, encoder: JointEncoder, tokenizer: Tokenizer,
+                 transform: ImageTransform, root: Path, world_size: int = 1):
+        """`encoder`: the loaded pretrained joint encoder, handed to the first
+        `build_model()`; its spec builds fresh copies (`build_model(pretrained=False)`)."""
+        self.cfg, self.tokenizer, self.transform, self.root = cfg, tokenizer, transform, root
+        self.world_size = world_size
+        self.spec = encoder.spec
+        self.encoder = encoder  # what its properties say (width, visual tokens, text length)
+        self._pretrained: JointEncoder | None = encoder
+
+    # ------------------------------------------------------------------ what a task gives
+    @abstractmethod
+    def make_head(self, encoder: JointEncoder) -> nn.Module:
+        """A new head for `encoder`."""
+
+    @abstractmethod
+    def dataset(self, split: str) -> torch.utils.data.Dataset:
+        """The split's items (`collate` turns a list of them into a Batch)."""
+
+    @abstractmethod
+    def collate(self, items: list) -> Batch:
+        ...
+
+    @abstractmethod
+    def score(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
+        """Run `model` on `split`, write the official results file into out_dir, score it with
+        the official metric; print a table and return flat metrics."""
+
+    def head_config(self) -> dict:
+        """What a loaded model needs besides the weights (config.json "head")."""
+        return {}
+
+    def task_files(self) -> dict[str, object]:
+        """The task's own files in the model directory: name -> JSON value."""
+        return {}
+
+    # ------------------------------------------------------------------ Task
+    def describe(self) -> str:
+        return (f"{self.name}, {self.encoder.architecture} encoder "
+                f"({self.encoder.visual_tokens} visual tokens) from {self.cfg.init_from}")
+
+    def build_model(self, pretrained: bool = True) -> FinetunedModel:
+        if pretrained and self._pretrained is not None:
+            encoder, self._pretrained = self._pretrained, None  # handed out once
+        else:
+            encoder = JointEncoder(self.spec, self.tokenizer.vocab_size)
+        return FinetunedModel(encoder, self.make_head(encoder))
+
+    def save_model(self, model: FinetunedModel, folder: Path) -> Path:
+        config = {"task": self.name, "backbone": model.backbone.spec,
+                  "head": self.head_config()}
+        return modeldir.write(folder, "finetuned", config, modeldir.untied_state_dict(model),
+                              self.tokenizer, self.transform, files=self.task_files())
+
+    def evaluate(self, model: FinetunedModel, out_dir: Path, progress: bool) -> dict:
+        return self.score(model.eval(), self.cfg.eval.split, out_dir, progress)
+
+    def eval_loader(self, split: str) -> torch.utils.data.DataLoader:
+        """`split` in order, in eval.batch_size batches, through `collate`."""
+        return torch.utils.data.DataLoader(self.dataset(split),
+                                           batch_size=self.cfg.eval.batch_size,
+                                           num_workers=self.cfg.data.num_workers,
+                                           collate_fn=self.collate)
+
+
+def load_finetuned_parts(folder: str | Path | modeldir.ModelDir, make_head: Callable
+                         ) -> tuple[modeldir.ModelDir, FinetunedModel, Tokenizer,
+                                    ImageTransform]:
+    """(the model directory, the model with its weights in eval mode, tokenizer, eval
+    transform) of a fine-tuned model directory; `make_head(config, encoder)` builds the
+    task's head."""
+    if not isinstance(folder, modeldir.ModelDir):
+        folder = modeldir.read(folder, ("finetuned",))
+    tokenizer = folder.tokenizer()
+    encoder = JointEncoder(folder.config["backbone"], tokenizer.vocab_size)
+    model = FinetunedModel(encoder, make_head(folder.config, encoder))
+    modeldir.load_weights(model, folder.weights(), str(folder.path / modeldir.WEIGHTS))
+    return folder, model.eval(), tokenizer, folder.transform()

@@ -21,22 +21,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from vlp.api import Pretrained
 from vlp.config import ConfigError, FinetuneConfig
-from vlp.engine.dist import world_from_env
+from vlp.data.batch import Batch
+from vlp.data.karpathy import read_karpathy
 from vlp.eval.retrieval import KS, recall_at_k
-from vlp.finetune.backbone import Backbone
-from vlp.finetune.task import FinetunedModel, load_finetuned_parts
-from vlp.finetune.visual import VisualReader
-from vlp.models.heads.retrieval import RetrievalHead, itm_logits, itm_loss, match_score
-from vlp.objectives import clip_loss, distributed_clip_loss
-from vlp.tasks.common import RecordDataset, collate_items, read_json, require
+from vlp.models.joint import FinetunedModel, JointEncoder
+from vlp.models.pretrained import Pretrained
+from vlp.objectives import classification_loss, clip_loss, distributed_clip_loss, \
+    sample_matching_pairs
+from vlp.tasks.common import FinetuneTask, RecordDataset, collate_items, load_finetuned_parts, \
+    reader_for
 
 TRAIN_SPLITS = ("train", "restval")  # Karpathy's restval (30k COCO val images) trains too
 TOP = 10  # ranks written per query in the results file
@@ -48,34 +50,40 @@ SINGLE_STREAM_HINT = (
     "configs/pretrain/clip_shapes.yaml or configs/pretrain/combined_shapes.yaml")
 
 
-def read_karpathy(path: str | Path) -> list[dict]:
-    """Karpathy's dataset_*.json -> [{"image_id" (cocoid, else imgid), "split", "file"
-    (filepath/filename), "captions": [(caption id (sentid), raw caption)]}]."""
-    data = read_json(path, "Karpathy split")
-    require(data, ("images",), f"Karpathy split {path}")
-    records, n_sentences = [], 0
-    for i, img in enumerate(data["images"]):
-        where = f"{path}: images[{i}]"
-        require(img, ("filename", "split", "sentences"), where)
-        if "cocoid" in img:
-            image_id = img["cocoid"]
-        elif "imgid" in img:
-            image_id = img["imgid"]
-        else:
-            raise ValueError(f"{where}: no image id (cocoid for COCO, imgid for Flickr30k)")
-        captions = []
-        for j, sentence in enumerate(img["sentences"]):
-            if "raw" in sentence:
-                text = sentence["raw"]
-            else:
-                require(sentence, ("tokens",), f"{where}.sentences[{j}] (no raw caption)")
-                text = " ".join(sentence["tokens"])
-            captions.append((sentence.get("sentid", n_sentences), text))
-            n_sentences += 1
-        file = Path(img.get("filepath", "")) / img["filename"]  # Flickr30k: no filepath
-        records.append({"image_id": image_id, "split": img["split"], "file": str(file),
-                        "captions": captions})
-    return records
+def itm_logits(encoder: JointEncoder, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+               image_tokens: torch.Tensor) -> torch.Tensor:
+    """Tower tokens of N pairs -> (N, 2) ITM logits (column 1: "they match") from the fused
+    [CLS] state: the combined model's own fusion and ITM head."""
+    return encoder.core.itm_logits(text_tokens, text_mask, image_tokens)
+
+
+def match_score(logits: torch.Tensor) -> torch.Tensor:
+    """(N, 2) ITM logits -> (N,) log-odds that the pair matches (what re-ranking sorts by;
+    monotone in the match probability, and it does not saturate as a probability does)."""
+    logits = logits.float()
+    return logits[:, 1] - logits[:, 0]
+
+
+class RetrievalHead(nn.Module):
+    """No weights of its own: fine-tuning trains the encoder's dual tower (its encoders,
+    projections and learnable logit scale) with the CLIP loss, and with `train_itm` its fusion
+    layers + ITM head on [text | image] pairs with hard negatives (vlp/objectives/matching.py),
+    to re-rank the top k (ALBEF's retrieval recipe: `models/model_retrieval.py`)."""
+
+    def __init__(self, train_itm: bool = False):
+        super().__init__()
+        self.train_itm = train_itm
+
+    def forward(self, encoder: JointEncoder, *, pixel_values: torch.Tensor,
+                input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """-> image_features, text_features (B, D) L2-normalised, logit_scale; with train_itm
+        (and B > 1) also itm_logits (3B, 2) and itm_labels (3B,): B positives, B image -> hard
+        caption, B caption -> hard image."""
+        negatives = sample_matching_pairs if self.train_itm and input_ids.shape[0] > 1 \
+            else None
+        # the combined model's forward: the ops of DualTower.encode_image / encode_text (what
+        # evaluation and vlp.load use), and the matching of the combined pretraining
+        return encoder.core(pixel_values, input_ids, attention_mask, negatives=negatives)
 
 
 def rsum(metrics: dict, suffix: str = "") -> float:
@@ -127,15 +135,14 @@ def top_ids(scores: torch.Tensor, ids: list, n: int = TOP) -> tuple[list[list], 
             [[round(v, 6) for v in row] for row in values.tolist()])
 
 
-class RetrievalTask:
+class RetrievalTask(FinetuneTask):
     name = "retrieval"
 
-    def __init__(self, cfg: FinetuneConfig, backbone: Backbone, tokenizer, transform,
-                 root: Path):
-        if backbone.architecture == "single_stream":
+    def __init__(self, cfg: FinetuneConfig, encoder: JointEncoder, tokenizer, transform,
+                 root: Path, world_size: int = 1):
+        if encoder.architecture == "single_stream":
             raise ConfigError(f"init_from={cfg.init_from}: {SINGLE_STREAM_HINT}")
-        self.cfg, self.backbone, self.tokenizer, self.transform = cfg, backbone, tokenizer, \
-            transform
+        super().__init__(cfg, encoder, tokenizer, transform, root, world_size)
         r = cfg.retrieval
         if r.rerank_k < 0:
             raise ConfigError(f"retrieval.rerank_k={r.rerank_k}: use 0 (no re-ranking) or the "
@@ -147,11 +154,11 @@ class RetrievalTask:
         # COCO: data.images holds train2014/ and val2014/ (the files' filepath); Flickr30k:
         # data.images holds the images (no filepath). The shapes world: ROOT/images/...
         self.images = Path(cfg.data.images) if cfg.data.images else root
-        self.reader = VisualReader(backbone, transform, None)
-        self.context_length = backbone.core.towers.cfg.text.context_length
+        self.reader = reader_for(encoder, transform, None)
+        self.context_length = encoder.core.towers.cfg.text.context_length
         self._records = read_karpathy(self.karpathy)
         # one process: the plain CLIP loss; several: each rank's rows against all ranks' columns
-        self._clip = distributed_clip_loss if world_from_env().size > 1 else clip_loss
+        self._clip = distributed_clip_loss if world_size > 1 else clip_loss
 
     # ------------------------------------------------------------------ data
     def records(self, split: str) -> list[dict]:
@@ -180,22 +187,22 @@ class RetrievalTask:
 
         return RecordDataset(records, self.image_path, self.reader, item)
 
-    def collate(self, items: list) -> dict:
-        batch = collate_items(items)
-        if batch["batch_size"]:
-            batch["input_ids"], batch["attention_mask"] = self.tokenizer(batch["caption"],
-                                                                         self.context_length)
+    def collate(self, items: list) -> Batch:
+        batch = collate_items(items, "image_id")
+        if len(batch):
+            batch.input_ids, batch.attention_mask = self.tokenizer(batch.fields["caption"],
+                                                                   self.context_length)
         return batch
 
     # ------------------------------------------------------------------ model
-    def build_model(self, backbone: Backbone | None = None) -> FinetunedModel:
-        return FinetunedModel(backbone or self.backbone, RetrievalHead(self.rerank_k > 0))
+    def make_head(self, encoder: JointEncoder) -> RetrievalHead:
+        return RetrievalHead(self.rerank_k > 0)
 
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, list[float]]:
+    def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, list[float]]:
         dev, dtype = engine.device, engine.input_dtype
-        out = engine(pixel_values=batch["visual"]["pixel_values"].to(dev, dtype),
-                     input_ids=batch["input_ids"].to(dev),
-                     attention_mask=batch["attention_mask"].to(dev))
+        out = engine(pixel_values=batch.pixel_values.to(dev, dtype),
+                     input_ids=batch.input_ids.to(dev),
+                     attention_mask=batch.attention_mask.to(dev))
         image, text = out["image_features"].float(), out["text_features"].float()
         scale = out["logit_scale"].float()
         loss = self._clip(image, text, scale)["contrastive_loss"]
@@ -204,17 +211,17 @@ class RetrievalTask:
             values = [float(scale), 100.0 * float(hits.float().mean())]
         if self.rerank_k:
             if "itm_logits" in out:
-                loss = loss + itm_loss(out["itm_logits"], out["itm_labels"])
-                with torch.no_grad():
-                    right = out["itm_logits"].argmax(1) == out["itm_labels"]
-                    values.append(100.0 * float(right.float().mean()))
+                metrics: dict[str, float] = {}
+                loss = loss + classification_loss(out["itm_logits"], out["itm_labels"], metrics,
+                                                  "itm")
+                values.append(100.0 * metrics["itm_acc"])
             else:  # a batch of one image has no negatives
                 values.append(float("nan"))
         return loss, values
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def embed(self, backbone: Backbone, split: str, progress: bool,
+    def embed(self, backbone: JointEncoder, split: str, progress: bool,
               keep_tokens: bool = False) -> Embedded:
         """Features of every image and caption of `split`, with the ops of
         DualTower.encode_image / encode_text (what vlp.load(...) runs). keep_tokens: also the
@@ -229,7 +236,7 @@ class RetrievalTask:
                              lambda record, visual: {"visual": visual, "index": record["index"]})
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size,
                                              num_workers=self.cfg.data.num_workers,
-                                             collate_fn=collate_items)
+                                             collate_fn=partial(collate_items, key="index"))
         tokens_per_image = towers.visual.embed.grid_size ** 2 + 1
         width = towers.visual.cfg.width
         image_features = torch.zeros(len(records), towers.cfg.embed_dim)
@@ -238,10 +245,10 @@ class RetrievalTask:
         readable = 0
         for batch in tqdm(loader, desc=f"embed {split} images", unit="batch",
                           disable=not progress):
-            if not batch["batch_size"]:
+            if not len(batch):
                 continue
-            index = torch.tensor(batch["index"])
-            tokens = towers.visual.forward_features(batch["visual"]["pixel_values"].to(dev))
+            index = torch.tensor(batch.fields["index"])
+            tokens = towers.visual.forward_features(batch.pixel_values.to(dev))
             image_features[index] = F.normalize(towers.visual.forward_head(tokens),
                                                 dim=-1).float().cpu()
             if keep_tokens:
@@ -269,8 +276,8 @@ class RetrievalTask:
             text_mask=torch.cat(text_masks) if keep_tokens else None)
 
     @torch.no_grad()
-    def score(self, backbone: Backbone, split: str, rerank_k: int, progress: bool
-              ) -> tuple[dict, dict]:
+    def score_encoder(self, backbone: JointEncoder, split: str, rerank_k: int, progress: bool
+                      ) -> tuple[dict, dict]:
         """-> (metrics, rankings) of `backbone`'s towers on `split` (re-ranked by its ITM head
         when rerank_k > 0)."""
         e = self.embed(backbone, split, progress, keep_tokens=rerank_k > 0)
@@ -318,14 +325,13 @@ class RetrievalTask:
                 q["itm_scores"] = [round(x, 6) for x in row_itm]
         return metrics, rankings
 
-    def evaluate(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        backbone = model.backbone.eval().to(device)
-        metrics, rankings = self.score(backbone, split, self.rerank_k, progress)
+    def score(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
+        device = next(model.parameters()).device
+        metrics, rankings = self.score_encoder(model.backbone, split, self.rerank_k, progress)
         # the baseline: the starting checkpoint as it is (its ITM head only when pretrained)
-        start, _, _ = Backbone.from_pretrained(self.cfg.init_from, self.cfg.fusion)
+        start, _, _ = JointEncoder.from_pretrained(self.cfg.init_from, self.cfg.fusion)
         k = self.rerank_k if start.architecture == "combined" else 0
-        zeroshot, _ = self.score(start.eval().to(device), split, k, progress)
+        zeroshot, _ = self.score_encoder(start.eval().to(device), split, k, progress)
         metrics.update({f"zeroshot_{key}": v for key, v in zeroshot.items()
                         if key.startswith(("i2t", "t2i", "rsum"))})
         metrics["retrieval_rerank_k"] = self.rerank_k
@@ -339,9 +345,6 @@ class RetrievalTask:
     # ------------------------------------------------------------------ the model directory
     def head_config(self) -> dict:
         return {"rerank_k": self.rerank_k, "itm_trained": self.rerank_k > 0}
-
-    def save_files(self, folder: Path) -> None:
-        pass
 
 
 def format_metrics(metrics: dict) -> str:
@@ -369,14 +372,15 @@ class RetrievalModel(Pretrained):
     fine-tuned towers) and, when retrieval.rerank_k > 0 trained its ITM head,
     `itm_scores(image, texts)` / `rerank(image, texts)`."""
 
-    def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
-        config, model, tokenizer, transform = load_finetuned_parts(
-            folder, lambda config, backbone, tok: RetrievalHead(False))
+    def __init__(self, folder, device: str | torch.device = "cpu"):
+        """`folder`: a fine-tuned retrieval model directory (a path or a modeldir.ModelDir)."""
+        folder, model, tokenizer, transform = load_finetuned_parts(
+            folder, lambda config, encoder: RetrievalHead(False))
         self.backbone = model.backbone.to(device).eval()
         super().__init__(self.backbone.core.towers, tokenizer, transform.as_eval(), device)
-        self.itm_trained = bool(config["head"].get("itm_trained"))
-        self.rerank_k = config["head"].get("rerank_k", 0)
-        self.folder = Path(folder)
+        self.itm_trained = bool(folder.config["head"].get("itm_trained"))
+        self.rerank_k = folder.config["head"].get("rerank_k", 0)
+        self.folder = folder.path
 
     @torch.no_grad()
     def itm_scores(self, image, texts: list[str]) -> torch.Tensor:
@@ -409,7 +413,3 @@ class RetrievalModel(Pretrained):
         order = scores.sort(descending=True, stable=True).indices.tolist()
         return [(i, float(scores[i])) for i in order]
 
-
-def load_retrieval_model(folder: str | Path, device: str | torch.device = "cpu"
-                         ) -> RetrievalModel:
-    return RetrievalModel(folder, device)

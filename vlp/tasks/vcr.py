@@ -39,11 +39,14 @@ import torch
 from tqdm import tqdm
 
 from vlp.config import ConfigError, FinetuneConfig
-from vlp.finetune.task import FinetunedModel, load_finetuned_parts
-from vlp.finetune.visual import VisualError, VisualReader, collate_visual, visual_to
+from vlp.data.batch import Batch
+from vlp.data.jsonfiles import read_json, read_jsonl, require
+from vlp.data.visual import VisualError, collate_visual
+from vlp.eval.vcr_metric import evaluate_vcr, format_table, write_vcr_predictions
 from vlp.models.heads.vcr import VCRHead, vcr_loss
-from vlp.tasks.common import RecordDataset, collate_items, eval_loader, read_json, \
-    read_jsonl, require
+from vlp.models.joint import FinetunedModel, JointEncoder
+from vlp.tasks.common import FinetuneTask, RecordDataset, Skipped, collate_items, \
+    load_finetuned_parts, reader_for
 from vlp.tokenizer import Tokenizer
 
 NUM_CHOICES = 4
@@ -79,13 +82,6 @@ def max_reference(token_lists) -> int:
     """The largest object index referred to in some token lists (-1: none)."""
     return max((i for tokens in token_lists for t in tokens if isinstance(t, list) for i in t),
                default=-1)
-
-
-def text_positions(backbone) -> int:
-    """How many text tokens the backbone has position embeddings for."""
-    if backbone.architecture == "single_stream":
-        return backbone.cfg.fusion.max_positions
-    return backbone.cfg.text.context_length
 
 
 class VCRText:
@@ -205,27 +201,28 @@ def metadata_boxes(path: Path) -> list[list[float]]:
     return boxes
 
 
-def object_count(backbone, visual: dict) -> int:
-    """How many objects grounded words can point at: the regions, or the metadata boxes."""
-    key = "region_boxes" if backbone.objects_are_regions else "object_boxes"
+def object_count(encoder, visual: dict) -> int:
+    """How many objects grounded words can point at: the regions, or the metadata boxes (in
+    a VisualReader.read output)."""
+    key = "regions" if encoder.objects_are_regions else "objects"
     return len(visual[key]) if key in visual else 0
 
 
 # ---------------------------------------------------------------------------- the task
-class VCRTask:
+class VCRTask(FinetuneTask):
     name = "vcr"
     metric_names = ("train_choice_acc",)
 
-    def __init__(self, cfg: FinetuneConfig, backbone, tokenizer, transform, root: Path):
-        self.cfg, self.backbone, self.tokenizer, self.transform = cfg, backbone, tokenizer, \
-            transform
+    def __init__(self, cfg: FinetuneConfig, encoder: JointEncoder, tokenizer, transform,
+                 root: Path, world_size: int = 1):
+        super().__init__(cfg, encoder, tokenizer, transform, root, world_size)
         v = cfg.vcr
         vcr_dir = root / "vcr"
         self.files = {"train": Path(v.train or vcr_dir / "train.jsonl"),
                       "val": Path(v.val or vcr_dir / "val.jsonl")}
         self.images = Path(v.images or cfg.data.images or vcr_dir / "images")
-        self.reader = VisualReader(backbone, transform, cfg.data.regions or (root / "regions"))
-        limit = text_positions(backbone)
+        self.reader = reader_for(encoder, transform, cfg.data.regions or (root / "regions"))
+        limit = encoder.text_positions
         self.max_length = min(v.max_length, limit)
         if self.max_length < v.max_length:
             print(f"vcr.max_length={v.max_length} is more than the backbone's {limit} text "
@@ -246,14 +243,15 @@ class VCRTask:
 
     def _boxes(self, record: dict) -> list[list[float]]:
         if "metadata_fn" not in record:
-            raise VisualError(f"VCR question {record['annot_id']} has no metadata_fn")
+            raise VisualError(f"VCR question {record['annot_id']} has no metadata_fn",
+                              "missing_regions")
         return metadata_boxes(self.images / record["metadata_fn"])
 
     def dataset(self, split: str) -> RecordDataset:
         records = self.records(split)
         what = f"VCR {split} images ({self.images})"
         self.reader.check_files(sorted({self.image_path(r) for r in records}), what)
-        regions = self.backbone.objects_are_regions
+        regions = self.encoder.objects_are_regions
         if not regions:
             missing = sorted({str(self.images / r.get("metadata_fn", "?")) for r in records
                               if not (self.images / r.get("metadata_fn", "?")).is_file()})
@@ -274,11 +272,12 @@ class VCRTask:
     def _sample_boxes(self, sample: tuple[dict, str]) -> list[list[float]]:
         return self._boxes(sample[0])
 
-    def _item(self, sample: tuple[dict, str], visual: dict) -> dict | None:
+    def _item(self, sample: tuple[dict, str], visual: dict) -> dict | Skipped:
         r, kind = sample
         refs = max_reference([r["question"], *r["answer_choices"], *r["rationale_choices"]])
-        if refs >= object_count(self.backbone, visual):
-            return None  # it refers to an object with no region / box: skipped and counted
+        if refs >= object_count(self.encoder, visual):
+            # it refers to an object with no region / box: skipped and counted
+            return Skipped("missing_regions")
         names, where = list(r["objects"]), f"VCR {r['annot_id']}"
         answers, rationales = r["answer_choices"], r["rationale_choices"]
         if kind == "answer":
@@ -296,21 +295,22 @@ class VCRTask:
         return {"visual": visual, "groups": groups, "annot_id": r["annot_id"],
                 "labels": torch.tensor(labels, dtype=torch.long)}
 
-    def collate(self, items: list) -> dict:
-        batch = collate_items(items)
-        if batch["batch_size"]:
-            batch.update(self.text.pad(batch.pop("groups")))
+    def collate(self, items: list) -> Batch:
+        batch = collate_items(items, "annot_id")
+        if len(batch):
+            text = self.text.pad(batch.fields.pop("groups"))
+            batch.input_ids, batch.attention_mask = text["input_ids"], text["attention_mask"]
+            batch.fields["token_objects"] = text["token_objects"]
         return batch
 
     # ------------------------------------------------------------------ model
-    def build_model(self, backbone=None) -> FinetunedModel:
-        backbone = backbone or self.backbone
-        return FinetunedModel(backbone, VCRHead(backbone.width))
+    def make_head(self, encoder: JointEncoder) -> VCRHead:
+        return VCRHead(encoder.width)
 
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, list[float]]:
+    def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, list[float]]:
         dev, dtype = engine.device, engine.input_dtype
         out = engine(**model_inputs(batch, dev, dtype))
-        labels = batch["labels"].to(dev)  # (B, 1)
+        labels = batch.fields["labels"].to(dev)  # (B, 1)
         loss = vcr_loss(out["logits"], labels)
         with torch.no_grad():
             acc = (out["logits"].argmax(-1) == labels).float().mean().item()
@@ -321,24 +321,22 @@ class VCRTask:
     def predict(self, model: FinetunedModel, split: str, progress: bool) -> list[dict]:
         """{"annot_id", "answer_probs" [4], "rationale_probs" [4][4] (given each answer) or [4]
         (given the right one)} for every readable question of `split`."""
-        loader = eval_loader(self, split)
+        loader = self.eval_loader(split)
         device = next(model.parameters()).device
         rows = []
         for batch in tqdm(loader, desc=f"vcr {split}", disable=not progress):
-            if not batch["batch_size"]:
+            if not len(batch):
                 continue
             probs = model(**model_inputs(batch, device, torch.float32))["logits"].float() \
                 .softmax(-1)  # (B, G, 4)
-            for annot_id, p in zip(batch["annot_id"], probs.tolist()):
+            for annot_id, p in zip(batch.fields["annot_id"], probs.tolist()):
                 rows.append({"annot_id": annot_id, "answer_probs": p[0],
                              "rationale_probs": p[1:] if self.each_answer else p[1]})
         return rows
 
-    def evaluate(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
-        from vlp.eval.vcr_metric import evaluate_vcr, format_table, write_vcr_predictions
-
+    def score(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
         split = "val" if split == "test" else split
-        rows = self.predict(model.eval(), split, progress)
+        rows = self.predict(model, split, progress)
         records = self.records(split)
         answered = {r["annot_id"] for r in rows}
         # a question whose image (or region file) could not be used still needs a row:
@@ -364,8 +362,6 @@ class VCRTask:
     def prior_baseline(self, split: str) -> dict:
         """The answer-prior baseline, scored by the same metric: always the training split's
         most frequent answer_label position and rationale_label position."""
-        from vlp.eval.vcr_metric import evaluate_vcr, write_vcr_predictions
-
         train = self.records("train")
 
         def most_frequent(key):  # ties: the lower position
@@ -388,30 +384,34 @@ class VCRTask:
     def head_config(self) -> dict:
         return {"max_length": self.max_length}
 
-    def save_files(self, folder: Path) -> None:
-        pass
 
-
-def model_inputs(batch: dict, device, dtype) -> dict:
-    """The head's inputs of a collated batch, on `device` (visual floats in `dtype`)."""
-    return {"input_ids": batch["input_ids"].to(device),
-            "attention_mask": batch["attention_mask"].to(device),
-            "token_objects": batch["token_objects"].to(device),
-            "visual": visual_to(batch["visual"], device, dtype)}
+def model_inputs(batch: Batch, device, dtype) -> dict:
+    """The head's inputs of a collated batch, on `device` (visual floats in `dtype`); the
+    objects' boxes ride with the visual inputs (VCRHead repeats them per sequence)."""
+    visual = batch.visual(device, dtype)
+    if batch.object_boxes is not None:
+        visual["object_boxes"] = batch.object_boxes.to(device, dtype)
+        visual["object_mask"] = batch.object_mask.to(device)
+    token_objects = batch.fields.get("token_objects")
+    return {"input_ids": batch.input_ids.to(device),
+            "attention_mask": batch.attention_mask.to(device),
+            "token_objects": None if token_objects is None else token_objects.to(device),
+            "visual": visual}
 
 
 class VCRModel:
     """A fine-tuned VCR model: `choose(image, question, choices, objects=...)`."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
-        def head(config, backbone, tokenizer):
-            return VCRHead(backbone.width)
+    def __init__(self, folder, device: str = "cpu"):
+        """`folder`: a fine-tuned VCR model directory (a path or a modeldir.ModelDir)."""
+        def head(config, encoder):
+            return VCRHead(encoder.width)
 
-        config, self.model, tokenizer, transform = load_finetuned_parts(folder, head)
+        folder, self.model, tokenizer, transform = load_finetuned_parts(folder, head)
         self.model.to(device)
         self.device = device
-        self.text = VCRText(tokenizer, config["head"]["max_length"])
-        self.reader = VisualReader(self.model.backbone, transform, None)
+        self.text = VCRText(tokenizer, folder.config["head"]["max_length"])
+        self.reader = reader_for(self.model.backbone, transform, None)
 
     @torch.no_grad()
     def choose(self, image, question: list, choices: list[list], *, objects: list[str],
@@ -447,11 +447,11 @@ class VCRModel:
                                  f"{n} {'regions' if backbone.objects_are_regions else 'boxes'}")
         groups = self.text.groups(question, [choices], list(objects), [answer])
         inputs = self.text.pad([groups])
-        if object_boxes is None and not backbone.objects_are_regions:
-            inputs["token_objects"] = None  # nothing grounded and no boxes to pool
-        batch = {**inputs, "visual": collate_visual([visual])}
-        out = self.model(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                            for k, v in batch.items() if k != "visual"},
-                         visual=visual_to(batch["visual"], self.device, torch.float32))
+        batch = Batch(["image"], input_ids=inputs["input_ids"],
+                      attention_mask=inputs["attention_mask"], **collate_visual([visual]))
+        if object_boxes is not None or backbone.objects_are_regions:
+            # else nothing is grounded and there are no boxes to pool
+            batch.fields["token_objects"] = inputs["token_objects"]
+        out = self.model(**model_inputs(batch, self.device, torch.float32))
         probs = out["logits"][0, 0].float().softmax(-1).tolist()
         return max(range(len(probs)), key=probs.__getitem__), probs

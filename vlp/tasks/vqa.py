@@ -17,10 +17,14 @@ import torch
 from tqdm import tqdm
 
 from vlp.config import FinetuneConfig
-from vlp.finetune.task import FinetunedModel, load_finetuned_parts
-from vlp.finetune.visual import VisualReader, collate_visual, visual_to
+from vlp.data.batch import Batch
+from vlp.data.jsonfiles import read_json, require
+from vlp.data.visual import collate_visual
+from vlp.eval.vqa_metric import evaluate_vqa, normalize_answer, soft_scores
 from vlp.models.heads.vqa import VQAHead, vqa_loss
-from vlp.tasks.common import RecordDataset, collate_items, eval_loader, read_json, require
+from vlp.models.joint import FinetunedModel, JointEncoder
+from vlp.tasks.common import FinetuneTask, RecordDataset, collate_items, load_finetuned_parts, \
+    reader_for
 
 SPLITS = ("train", "val")  # VQA v2 test answers are on the evaluation server only
 
@@ -51,15 +55,12 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path | None) ->
 
 def answer_vocabulary(records: list[dict], n: int) -> list[str]:
     """The n most frequent normalised human answers (ties: alphabetical, for determinism)."""
-    from vlp.eval.vqa_metric import normalize_answer
-
     counts = Counter(normalize_answer(a) for r in records for a in r["answers"])
     return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
 
 def soft_targets(answers: list[str], index: dict[str, int]) -> torch.Tensor:
-    from vlp.eval.vqa_metric import soft_scores
-
+    """The official metric's score of each vocabulary answer (0 for the others)."""
     target = torch.zeros(len(index))
     for answer, score in soft_scores(answers).items():
         if answer in index:
@@ -67,16 +68,15 @@ def soft_targets(answers: list[str], index: dict[str, int]) -> torch.Tensor:
     return target
 
 
-class VQATask:
+class VQATask(FinetuneTask):
     name = "vqa"
     metric_names = ("train_vqa_score",)
 
-    def __init__(self, cfg: FinetuneConfig, backbone, tokenizer, transform, root: Path,
-                 answers: list[str] | None = None):
+    def __init__(self, cfg: FinetuneConfig, encoder: JointEncoder, tokenizer, transform,
+                 root: Path, world_size: int = 1, answers: list[str] | None = None):
         """`answers`: a fine-tuned model's vocabulary (its answers.json), else built from the
         training annotations."""
-        self.cfg, self.backbone, self.tokenizer, self.transform = cfg, backbone, tokenizer, \
-            transform
+        super().__init__(cfg, encoder, tokenizer, transform, root, world_size)
         v = cfg.vqa
         vqa_dir = root / "vqa"
         self.files = {
@@ -85,8 +85,7 @@ class VQATask:
             "val": (v.val_questions or vqa_dir / "v2_OpenEnded_mscoco_val_questions.json",
                     v.val_annotations or vqa_dir / "v2_mscoco_val_annotations.json")}
         self.images = Path(cfg.data.images) if cfg.data.images else root / "images"
-        self.reader = VisualReader(backbone, transform,
-                                   cfg.data.regions or (root / "regions"))
+        self.reader = reader_for(encoder, transform, cfg.data.regions or (root / "regions"))
         self._records = {}
         self.answers = answers or answer_vocabulary(self.records("train"), v.num_answers)
         self.index = {a: i for i, a in enumerate(self.answers)}
@@ -114,24 +113,23 @@ class VQATask:
 
         return RecordDataset(records, self.image_path, self.reader, item)
 
-    def collate(self, items: list) -> dict:
-        batch = collate_items(items)
-        if batch["batch_size"]:
-            batch["input_ids"], batch["attention_mask"] = self.tokenizer(
-                batch["question"], self.cfg.vqa.max_question_length)
+    def collate(self, items: list) -> Batch:
+        batch = collate_items(items, "question_id")
+        if len(batch):
+            batch.input_ids, batch.attention_mask = self.tokenizer(
+                batch.fields["question"], self.cfg.vqa.max_question_length)
         return batch
 
     # ------------------------------------------------------------------ model
-    def build_model(self, backbone=None) -> FinetunedModel:
-        backbone = backbone or self.backbone
-        return FinetunedModel(backbone, VQAHead(backbone.width, len(self.answers)))
+    def make_head(self, encoder: JointEncoder) -> VQAHead:
+        return VQAHead(encoder.width, len(self.answers))
 
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, list[float]]:
+    def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, list[float]]:
         dev, dtype = engine.device, engine.input_dtype
-        out = engine(input_ids=batch["input_ids"].to(dev),
-                     attention_mask=batch["attention_mask"].to(dev),
-                     visual=visual_to(batch["visual"], dev, dtype))
-        target = batch["target"].to(dev)
+        out = engine(input_ids=batch.input_ids.to(dev),
+                     attention_mask=batch.attention_mask.to(dev),
+                     visual=batch.visual(dev, dtype))
+        target = batch.fields["target"].to(dev)
         loss = vqa_loss(out["logits"], target)
         with torch.no_grad():  # the VQA score of the argmax answer (vocabulary answers only)
             score = target.gather(1, out["logits"].argmax(1, keepdim=True)).mean().item()
@@ -140,22 +138,20 @@ class VQATask:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def predict(self, model: FinetunedModel, split: str, progress: bool) -> list[dict]:
-        loader = eval_loader(self, split)
+        loader = self.eval_loader(split)
         results = []
         device = next(model.parameters()).device
         for batch in tqdm(loader, desc=f"vqa {split}", disable=not progress):
-            if not batch["batch_size"]:
+            if not len(batch):
                 continue
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device),
-                           visual=visual_to(batch["visual"], device, torch.float32))["logits"]
-            for qid, k in zip(batch["question_id"], logits.argmax(1).tolist()):
+            logits = model(input_ids=batch.input_ids.to(device),
+                           attention_mask=batch.attention_mask.to(device),
+                           visual=batch.visual(device, torch.float32))["logits"]
+            for qid, k in zip(batch.fields["question_id"], logits.argmax(1).tolist()):
                 results.append({"question_id": qid, "answer": self.answers[k]})
         return results
 
-    def evaluate(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
-        from vlp.eval.vqa_metric import evaluate_vqa, normalize_answer
-
+    def score(self, model: FinetunedModel, split: str, out_dir: Path, progress: bool) -> dict:
         split = "val" if split == "test" else split
         results = self.predict(model.eval(), split, progress)
         answered = {r["question_id"] for r in results}
@@ -188,25 +184,24 @@ class VQATask:
         return {"num_answers": len(self.answers),
                 "max_question_length": self.cfg.vqa.max_question_length}
 
-    def save_files(self, folder: Path) -> None:
-        (Path(folder) / "answers.json").write_text(json.dumps(self.answers, indent=0) + "\n")
+    def task_files(self) -> dict[str, object]:
+        return {"answers.json": self.answers}
 
 
 class VQAModel:
     """A fine-tuned VQA model: `answer(image, question)`."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu"):
-        folder = Path(folder)
+    def __init__(self, folder, device: str = "cpu"):
+        """`folder`: a fine-tuned VQA model directory (a path or a modeldir.ModelDir)."""
+        def head(config, encoder):
+            return VQAHead(encoder.width, config["head"]["num_answers"])
 
-        def head(config, backbone, tokenizer):
-            return VQAHead(backbone.width, config["head"]["num_answers"])
-
-        config, self.model, self.tokenizer, transform = load_finetuned_parts(folder, head)
+        folder, self.model, self.tokenizer, transform = load_finetuned_parts(folder, head)
         self.model.to(device)
         self.device = device
-        self.answers = json.loads((folder / "answers.json").read_text())
-        self.max_length = config["head"]["max_question_length"]
-        self.reader = VisualReader(self.model.backbone, transform, None)
+        self.answers = folder.read_json("answers.json")
+        self.max_length = folder.config["head"]["max_question_length"]
+        self.reader = reader_for(self.model.backbone, transform, None)
 
     @torch.no_grad()
     def answer(self, image, question: str, *, regions: str | Path | None = None,
@@ -217,11 +212,11 @@ class VQAModel:
             from vlp.data.transforms import to_pil_rgb
 
             image = to_pil_rgb(image)
-        visual = collate_visual([self.reader.read(Path(image) if isinstance(image, str)
-                                                  else image, regions_file=regions)])
+        visual = Batch(["image"], **collate_visual([self.reader.read(
+            Path(image) if isinstance(image, str) else image, regions_file=regions)]))
         ids, mask = self.tokenizer([question], self.max_length)
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            visual=visual_to(visual, self.device, torch.float32))["logits"][0]
+                            visual=visual.visual(self.device, torch.float32))["logits"][0]
         probs = logits.float().sigmoid()
         if top_k == 1:
             return self.answers[int(probs.argmax())]

@@ -1,2 +1,2 @@
-"""Task heads on top of a fine-tuning backbone (vlp/finetune/backbone.py): each is an
-nn.Module whose forward(backbone, **inputs) runs the backbone and returns the task's outputs."""
+"""Task heads on top of the joint encoder (vlp/models/joint.py): each is an nn.Module whose
+forward(encoder, **inputs) runs the encoder and returns the task's outputs."""

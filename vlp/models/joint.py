@@ -1,7 +1,8 @@
-"""The pretrained part of a fine-tuned model: a joint (image + text) encoder built from a model
-directory of either pretraining family, with one interface for every task head.
+"""The joint (image + text) encoder every fine-tuning task head sits on, built from a model
+directory of either pretraining family, with one interface for every head; and the
+fine-tuned model (joint encoder + one head).
 
-    backbone(input_ids, attention_mask, visual, causal_text=..., token_objects=...)
+    encoder(input_ids, attention_mask, visual, causal_text=..., token_objects=...)
         -> (B, L, width) hidden states of the word positions; [:, 0] is [CLS]
 
 - single_stream dirs (VL-BERT / UNITER / ViLT): the SingleStream model as pretrained, its
@@ -20,42 +21,32 @@ RoIAlign from the patch grid.
 
 `encode_visual(visual)` computes the visual tokens once (captioning decodes many steps per
 image); `forward` takes its output as `visual` in place of the raw inputs.
+
+The fused path is the combined model's own (`Combined.fuse`, the text tower's
+`forward_features`), so pretraining and fine-tuning run one fusion forward.
 """
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from vlp import modeldir
 from vlp.config import FusionConfig, ModelConfig, from_dict, to_dict
 from vlp.data.transforms import ImageTransform
+from vlp.data.visual import VisualNeeds
 from vlp.models.combined import Combined
-from vlp.models.encoder import build_attention_mask
 from vlp.models.regions import RoIRegionFeatures
-from vlp.models.single_stream import MLMHead, SingleStream, prefix_lm_mask
-from vlp.tokenizer import Tokenizer, load_tokenizer
+from vlp.models.single_stream import MLMHead, SingleStream
+from vlp.tokenizer import Tokenizer
 
 ARCHITECTURES = ("single_stream", "combined", "dual_tower")
+PRETRAINING_ONLY = ("mrc_head.", "mrfr_head.")  # heads a fine-tuning encoder leaves out
 
 
-def read_model_dir(path: str | Path) -> dict:
-    """config.json of a vlp model directory, with a clear error when it is not one."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such model directory (a pretraining run writes one "
-                                "to OUT/model: vlp pretrain --out OUT ...)")
-    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json")
-               if not (path / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{path} is not a vlp model directory: missing "
-                                f"{', '.join(missing)}")
-    return json.loads((path / "config.json").read_text())
-
-
-class Backbone(nn.Module):
+class JointEncoder(nn.Module):
     def __init__(self, spec: dict, vocab_size: int):
         """`spec`: {"architecture", "model": ModelConfig dict, "region_feature_dim",
         "num_region_labels", "fusion": FusionConfig dict (dual_tower only)}; weights random
@@ -74,16 +65,11 @@ class Backbone(nn.Module):
             self.width = cfg.fusion.width
         elif self.architecture in ("combined", "dual_tower"):
             if self.architecture == "dual_tower":
-                fusion = from_dict(FusionConfig, spec["fusion"])
                 # the fresh layers fuse tower tokens as they are: the towers' width and norm
-                fusion.width, fusion.norm_eps = cfg.text.width, cfg.text.norm_eps
-                fusion.norm_first = True
-                cfg.fusion = fusion
+                fusion = replace(from_dict(FusionConfig, spec["fusion"]), width=cfg.text.width,
+                                 norm_eps=cfg.text.norm_eps, norm_first=True)
+                cfg = self.cfg = replace(cfg, fusion=fusion)
                 self.spec["model"] = to_dict(cfg)
-            if cfg.text.width != cfg.vision.width:
-                raise ValueError(f"fine-tuning a {self.architecture} model fuses its towers' "
-                                 f"tokens: the text width ({cfg.text.width}) and the vision "
-                                 f"width ({cfg.vision.width}) must be equal")
             self.core = Combined(cfg, vocab_size)
             self.visual_tokens = "pixels"
             self.width = cfg.fusion.width
@@ -95,42 +81,26 @@ class Backbone(nn.Module):
     # ------------------------------------------------------------------ building
     @classmethod
     def from_pretrained(cls, path: str | Path, fusion: FusionConfig | None = None
-                        ) -> tuple["Backbone", Tokenizer, ImageTransform]:
-        """The backbone of a pretrained model directory, its tokenizer and eval transform."""
-        path = Path(path)
-        config = read_model_dir(path)
-        arch = config.get("architecture")
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"{path}/config.json: architecture {arch!r} cannot be fine-tuned; "
-                             f"expected one of {list(ARCHITECTURES)}")
-        tokenizer = load_tokenizer(path / "tokenizer.json")
-        spec = {"architecture": arch, "model": config["model"],
-                "region_feature_dim": config.get("region_feature_dim", 0),
-                "num_region_labels": len(config.get("region_labels", []))}
+                        ) -> tuple["JointEncoder", Tokenizer, ImageTransform]:
+        """The joint encoder of a pretrained model directory (its weights loaded), its
+        tokenizer and eval transform."""
+        folder = modeldir.read(path, ARCHITECTURES)
+        arch = folder.architecture
+        tokenizer = folder.tokenizer()
+        spec = {"architecture": arch, "model": folder.config["model"],
+                "region_feature_dim": folder.config.get("region_feature_dim", 0),
+                "num_region_labels": len(folder.config.get("region_labels", []))}
         if arch == "dual_tower":
             spec["fusion"] = to_dict(fusion or FusionConfig(layers=2))
-        backbone = cls(spec, tokenizer.vocab_size)
-        if arch == "combined":  # the whole model; model.safetensors holds the towers only
-            state = load_file(str(path / "combined.safetensors"))
-        else:
-            state = load_file(str(path / "model.safetensors"))
-        if arch == "dual_tower":
-            backbone.core.towers.load_state_dict(state)
-        else:
-            target = backbone.core
-            # the MLM decoder is tied to the word embeddings and stored once
-            state.setdefault("mlm_head.word_embeddings.weight",
-                             state.get("text_embed.token_embed.weight",
-                                       state.get("towers.text.embed.token_embed.weight")))
-            missing, unexpected = target.load_state_dict(state, strict=False)
-            # pretraining-only heads (MRC / MRFR) are not part of a fine-tuning backbone
-            unexpected = [k for k in unexpected if not k.startswith(("mrc_head", "mrfr_head"))]
-            if missing or unexpected:
-                raise ValueError(f"{path}: weights do not fit the config: missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]}")
-        transform = ImageTransform.from_dict(config["transform"]) if "transform" in config \
-            else ImageTransform(backbone.cfg.vision.image_size)
-        return backbone, tokenizer, transform
+        encoder = cls(spec, tokenizer.vocab_size)
+        # a combined directory keeps its towers in model.safetensors, everything in
+        # combined.safetensors; a dual tower gets fresh fusion layers
+        name = modeldir.COMBINED_WEIGHTS if arch == "combined" else modeldir.WEIGHTS
+        state = {k: v for k, v in folder.weights(name).items()
+                 if not k.startswith(PRETRAINING_ONLY)}
+        target = encoder.core.towers if arch == "dual_tower" else encoder.core
+        modeldir.load_weights(target, state, str(folder.path / name))
+        return encoder, tokenizer, folder.transform()
 
     # ------------------------------------------------------------------ what it needs
     @property
@@ -149,6 +119,19 @@ class Backbone(nn.Module):
     def objects_are_regions(self) -> bool:
         """Grounding indexes the visual regions (so VCR's objects must be the regions)."""
         return self.visual_tokens in ("regions", "roi_align")
+
+    @property
+    def text_positions(self) -> int:
+        """How many word positions the text embedding has."""
+        if self.architecture == "single_stream":
+            return self.cfg.fusion.max_positions
+        return self.cfg.text.context_length
+
+    def visual_needs(self) -> VisualNeeds:
+        """What a VisualReader must read for this encoder's visual tokens."""
+        return VisualNeeds(self.visual_tokens, self.needs_pixels, self.needs_region_features,
+                           self.needs_region_boxes, self.cfg.max_regions,
+                           self.spec.get("region_feature_dim", 0))
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -237,29 +220,32 @@ class Backbone(nn.Module):
         return hidden[:, :ids.shape[1]]
 
     def _fused(self, ids, mask, visual, causal_text, token_objects, object_boxes, object_mask):
-        c = self.core
-        towers = c.towers
+        towers = self.core.towers
         image_tokens = visual["image_tokens"] if "image_tokens" in visual else \
             towers.visual.forward_features(visual["pixel_values"])  # (B, 1+g*g, W)
-        x = towers.text.embed(ids)
+        word_add = None
         if token_objects is not None:
             if object_boxes is None:
                 raise ValueError("grounded words need object_boxes")
             grid = towers.visual.embed.grid_size
             objects = self._pool_grid(image_tokens[:, 1:], grid, object_boxes, object_mask)
-            x = x + self._grounding(objects, token_objects)
+            word_add = self._grounding(objects, token_objects)
         # a causal text tower keeps its causal mask; captioning makes any tower causal
-        if causal_text or towers.text.cfg.mask == "causal":
-            text_tokens = towers.text.transformer(x, is_causal=True)
-        else:
-            text_tokens = towers.text.transformer(
-                x, build_attention_mask("bidirectional", x.shape[1], padding_mask=mask))
-        n_text = ids.shape[1]
-        seq = torch.cat([text_tokens + c.segment.weight[0],
-                         image_tokens + c.segment.weight[1]], dim=1)
-        keep = torch.cat([mask.bool(), torch.ones(image_tokens.shape[:2], dtype=torch.bool,
-                                                  device=seq.device)], dim=1)
-        attn = build_attention_mask("bidirectional", seq.shape[1], padding_mask=keep)
-        if causal_text:
-            attn = attn & prefix_lm_mask(n_text, seq.shape[1], seq.device)
-        return c.fusion(seq, attn)[:, :n_text]
+        text_tokens = towers.text.forward_features(ids, mask, causal=causal_text, add=word_add)
+        return self.core.fuse(text_tokens, mask, image_tokens, causal_text=causal_text)
+
+
+class FinetunedModel(nn.Module):
+    """The joint encoder and one task head; forward(**batch) is the head's (so DeepSpeed sees
+    one module and one forward per micro-batch)."""
+
+    def __init__(self, encoder: JointEncoder, head: nn.Module):
+        super().__init__()
+        self.backbone = encoder
+        self.head = head
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enabled)
+
+    def forward(self, **inputs) -> dict[str, torch.Tensor]:
+        return self.head(self.backbone, **inputs)

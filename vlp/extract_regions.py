@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlp.data.pipeline import SkipCounter, _decode_image, _read_json, _Skip
+from vlp.data.pipeline import SkipCounter, decode_image, read_json_member, SkipSample
 from vlp.data.regions import RegionError
 from vlp.data.shards import expand_urls, iter_tar_samples, is_remote
 from vlp.models.regions import RoIRegionFeatures
@@ -83,13 +83,13 @@ class RegionExtractor:
 def _objects(meta: dict) -> tuple[np.ndarray, list[str]]:
     objects = meta.get("objects")
     if not isinstance(objects, list) or not objects:
-        raise _Skip("missing_regions")
+        raise SkipSample("missing_regions")
     boxes, labels = [], []
     for obj in objects:
         box = obj.get("box") if isinstance(obj, dict) else None
         if not (isinstance(box, list) and len(box) == 4
                 and all(isinstance(v, (int, float)) for v in box)):
-            raise _Skip("bad_regions")
+            raise SkipSample("bad_regions")
         boxes.append(box)
         labels.append(str(obj.get("label", "")))
     return np.asarray(boxes, dtype=np.float32), labels
@@ -132,11 +132,11 @@ def extract_regions(model_dir: str | Path, data: str, out_dir: str | Path, *,
             for sample in iter_tar_samples([url], skips.shard_error):
                 counts["samples"] += 1
                 try:
-                    boxes, labels = _objects(_read_json(sample))
-                    image = _decode_image(sample)
+                    boxes, labels = _objects(read_json_member(sample))
+                    image = decode_image(sample)
                     if not extractor.transform.map_boxes(boxes, image.size)[1].any():
-                        raise _Skip("missing_regions")
-                except (_Skip, RegionError) as skip:
+                        raise SkipSample("missing_regions")
+                except (SkipSample, RegionError) as skip:
                     skips.add(getattr(skip, "reason", "bad_regions"))
                     _write_sample(tar, sample, None)
                     continue

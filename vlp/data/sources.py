@@ -1,0 +1,186 @@
+"""Data sources: one rank's batches for the training loop, epoch after epoch, with a position
+that a resumed run restores so it continues exactly where the checkpoint was taken.
+
+    ShardSource  the resumable webdataset stream (pretraining): vlp/data/pipeline.make_loader,
+                 its position every loader worker's place in its shards (StreamPosition)
+    MapSource    a map-style dataset (a benchmark's records, fine-tuning): a seeded permutation
+                 per epoch, split across ranks; its position (epoch, batches taken)
+
+Both skip len-0 batches (all of their samples unusable) after counting what they skipped, and
+return None when this rank's epoch is over; the loop then starts a new epoch on every rank
+(when one rank runs out, all do: uneven shards must not leave a rank waiting in a
+collective).
+"""
+from __future__ import annotations
+
+import signal
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from vlp.config import ConfigError
+from vlp.data.batch import Batch
+from vlp.data.pipeline import StreamPosition, accumulate, format_skips
+
+
+class DataSource(ABC):
+    epoch: int = 0
+    skipped: dict[str, int]  # samples this rank skipped so far, by reason
+    num_samples: int | None = None  # samples in an epoch of the whole data, when known
+
+    @abstractmethod
+    def next(self) -> Batch | None:
+        """The next non-empty batch of this rank's epoch, or None when it is over."""
+
+    @abstractmethod
+    def new_epoch(self) -> None:
+        """Start the next epoch (on every rank at once; the loop sees to that)."""
+
+    @abstractmethod
+    def state(self) -> dict:
+        """This rank's position as plain JSON, saved with each checkpoint."""
+
+    @abstractmethod
+    def restore(self, state: dict) -> None:
+        """Continue from a position `state()` returned (a ConfigError when it does not fit
+        this data)."""
+
+    def epoch_progress(self, samples_seen: int) -> float:
+        """The epoch the run is in, for the log (fractional for an endless stream)."""
+        return self.epoch
+
+    def describe(self) -> str:
+        return f"{self.num_samples} samples" if self.num_samples else ""
+
+
+class ShardSource(DataSource):
+    """A rank's share of webdataset shards (`make_loader_for(epoch, start)` -> a make_loader
+    loader), with the position of every loader worker."""
+
+    def __init__(self, make_loader_for: Callable, *, num_shards: int,
+                 num_samples: int | None = None, resampled: bool = False):
+        self._make = make_loader_for
+        self.num_shards, self.num_samples, self.resampled = num_shards, num_samples, resampled
+        self.skipped: dict[str, int] = {}
+        self._open(0, None)
+
+    def _open(self, epoch: int, start: dict | None) -> None:
+        self.epoch = epoch
+        try:
+            loader = self._make(epoch, start)
+        except ValueError as e:  # a saved data position that does not fit this run's data
+            if start is None:
+                raise
+            raise ConfigError(f"cannot continue the checkpoint's data stream: {e}. Resume with "
+                              "the data settings the checkpoint was written with.") from None
+        self.position = StreamPosition.for_loader(loader)  # continues `start` when resuming
+        self.batches_this_epoch = 0
+        self._loader, self._it = loader, None  # workers start at the first `next`
+
+    def next(self) -> Batch | None:
+        if self._it is None:
+            self._it = iter(self._loader)
+        for batch in self._it:
+            accumulate(self.skipped, batch.skipped)
+            self.position.update(batch)
+            if len(batch):
+                self.batches_this_epoch += 1
+                return batch
+        if self.resampled:  # an endless stream; only a crash ends it
+            raise RuntimeError("the resampled data stream ended unexpectedly")
+        return None
+
+    def new_epoch(self) -> None:
+        if self.batches_this_epoch == 0:
+            raise RuntimeError("a whole epoch produced no usable batch on this process; skipped "
+                               f"so far: {format_skips(self.skipped)}. Check data.train and "
+                               "train.batch_size (larger than the data per process?).")
+        self._open(self.epoch + 1, None)
+
+    def state(self) -> dict:
+        return self.position.state_dict()
+
+    def restore(self, state: dict) -> None:
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise ConfigError(f"the checkpoint's data position {state!r} is not a shard "
+                              "stream's: was it written by another kind of run?")
+        self._open(state["epoch"], state)
+
+    def epoch_progress(self, samples_seen: int) -> float:
+        if self.resampled and self.num_samples:
+            return samples_seen / self.num_samples  # epochs counted in samples
+        return self.epoch
+
+    def describe(self) -> str:
+        n = f", {self.num_samples} samples" if self.num_samples else ""
+        return f"{self.num_shards} train shards{n}"
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's sample indices for `epoch`: a seeded permutation, split round-robin, every
+    rank the same length (the last n % world_size samples of the permutation wait an epoch)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = n // world_size
+    return perm[rank::world_size][:per_rank]
+
+
+def _ignore_signals(_worker_id: int) -> None:
+    # the main process saves a checkpoint on SIGTERM/Ctrl-C; its loader workers must not die
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class MapSource(DataSource):
+    """A rank's share of a map-style dataset whose items `collate` turns into Batches; each
+    epoch a permutation seeded by (seed, epoch), so a resumed run re-derives it and continues
+    at the next batch."""
+
+    def __init__(self, dataset: Dataset, collate: Callable, *, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        self.dataset, self.collate = dataset, collate
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.num_samples = len(dataset)
+        if self.num_samples // world_size == 0:
+            raise ConfigError(f"the training split has {self.num_samples} samples: fewer than "
+                              f"the {world_size} processes")
+        self.skipped: dict[str, int] = {}
+        self._open(0, 0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-(self.num_samples // self.world_size) // self.batch_size)
+
+    def _open(self, epoch: int, batch_in_epoch: int) -> None:
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        order = epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size)
+        subset = Subset(self.dataset, order[batch_in_epoch * self.batch_size:].tolist())
+        self._loader = DataLoader(subset, batch_size=self.batch_size, shuffle=False,
+                                  num_workers=self.num_workers, collate_fn=self.collate,
+                                  worker_init_fn=_ignore_signals if self.num_workers else None)
+        self._it = None  # workers start at the first `next`
+
+    def next(self) -> Batch | None:
+        if self._it is None:
+            self._it = iter(self._loader)
+        for batch in self._it:
+            self.batch_in_epoch += 1
+            accumulate(self.skipped, batch.skipped)
+            if len(batch):
+                return batch
+        return None
+
+    def new_epoch(self) -> None:
+        self._open(self.epoch + 1, 0)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def restore(self, state: dict) -> None:
+        if not isinstance(state, dict) or set(state) != {"epoch", "batch_in_epoch"}:
+            raise ConfigError(f"the checkpoint's data position {state!r} is not a benchmark "
+                              "dataset's: was it written by another kind of run?")
+        self._open(state["epoch"], state["batch_in_epoch"])
+

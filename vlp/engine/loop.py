@@ -1,0 +1,302 @@
+"""The one training loop: every pretraining recipe and every fine-tuning task runs through
+`train(task, source, cfg, out_dir, world)`, one process or many.
+
+    task.build_model() -> DeepSpeed engine (resumed from a checkpoint) -> per micro-batch:
+    source.next() -> task.loss(engine, batch) -> backward -> step -> log / checkpoint /
+    evaluate -> final checkpoint -> consolidated fp32 weights -> task.save_model (OUT/model)
+    -> task.evaluate -> OUT/metrics.json
+
+Per micro-batch the ranks exchange two small rows: [has a batch, its size], so that when one
+rank's epoch is over all start the next (uneven shards must not leave a rank waiting in a
+collective) and cross-rank losses see equal batch sizes; then [loss, samples, stop request,
+batch digest, the task's metrics], so that they agree without further communication on
+skipping a step whose loss is NaN/inf on any rank and on stopping at the same step on
+SIGTERM/Ctrl-C. A checkpoint holds DeepSpeed's files, each rank's RNG state and data position,
+and the trainer state, published by an atomic rename (vlp/engine/checkpoint.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlp.config import ConfigError
+from vlp.data.pipeline import accumulate, format_skips, skipped_samples
+from vlp.data.sources import DataSource
+from vlp.engine import checkpoint, dist
+from vlp.engine.engine import Engine, rng_state, set_rng_state
+from vlp.engine.logs import JsonlLog, TensorBoardLog, truncate_log
+from vlp.engine.task import Task
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """`train.max_bad_steps` consecutive batches had a NaN/inf loss."""
+
+
+class StopRequests:
+    """SIGTERM (schedulers, `kill`, launchers) and a first Ctrl-C ask for a checkpoint and a
+    clean stop at the next optimizer step that all ranks agree on; a second Ctrl-C stops now."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's global generators (same initial weights on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_digest(keys: list[str]) -> int:
+    """52 bits of a hash of the batch's keys: exact in a float64, for the per-step exchange."""
+    return int.from_bytes(hashlib.sha1("\n".join(keys).encode()).digest()[:8], "little") >> 12
+
+
+def resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
+    """--resume: 'latest' (OUT/checkpoints' pointer) or a checkpoint folder -> the folder,
+    checked to be a complete vlp checkpoint; None without --resume."""
+    if not resume:
+        return None
+    folder = checkpoint.resolve(Path(out_dir) / "checkpoints" if resume == "latest" else resume)
+    if not (folder / TRAINER_STATE).is_file():
+        raise FileNotFoundError(f"{folder} has no {TRAINER_STATE}: not a complete vlp "
+                                "checkpoint (or one written by an older vlp)")
+    return folder
+
+
+def total_skips(skipped: dict, world: dist.World) -> dict:
+    """Skip counts summed over ranks (each rank reads, and counts, its own data)."""
+    total: dict[str, int] = {}
+    for counts in dist.all_gather_object(dict(skipped), world):
+        accumulate(total, counts)
+    return total
+
+
+def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.World, *,
+          resume_from: Path | None = None, progress: bool = True, command: str = "train",
+          started: float | None = None) -> dict:
+    """Train `task` on `source` (all processes of a launch call this) for `cfg.train.steps`
+    optimizer steps: checkpoints in OUT/checkpoints, the log in OUT/train_log.jsonl, the model
+    directory in OUT/model and the evaluation in OUT/metrics.json (rank 0). `cfg`: a run
+    config with `train`, `logging` and `eval` (`every`, `at_end`) blocks, already resolved
+    (what OUT/config.yaml says). Returns the metrics."""
+    out_dir = Path(out_dir)
+    started = started or time.time()
+    main = world.is_main
+    say = print if main else (lambda *a, **k: None)
+    t = cfg.train
+    seed_everything(t.seed)  # the same initial weights (and fresh heads) on every rank
+    model = task.build_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    engine = Engine(model, t, world)
+    ckpt_root, log_path = out_dir / "checkpoints", out_dir / "train_log.jsonl"
+    samples_seen, bad_steps_total = 0, 0
+    if resume_from:
+        state = json.loads((resume_from / TRAINER_STATE).read_text())
+        if state["world_size"] != world.size:
+            raise ConfigError(f"{resume_from} was written by {state['world_size']} processes; "
+                              f"resume it with the same number (this launch has {world.size})")
+        engine.load(resume_from)
+        set_rng_state(torch.load(resume_from / f"rng_rank{world.rank:05d}.pt",
+                                 weights_only=True))
+        samples_seen, bad_steps_total = state["samples_seen"], state["bad_steps"]
+        source.skipped.update(state["skipped"][world.rank])
+        source.restore(state["data"][world.rank])
+        if main:
+            truncate_log(log_path, engine.global_step)
+        say(f"resumed from {resume_from} at step {engine.global_step}")
+    log = JsonlLog(log_path) if main else None
+    tensorboard = TensorBoardLog(out_dir / "tensorboard") if main and cfg.logging.tensorboard \
+        else None
+    threads = torch.get_num_threads()
+    plural = "es" if world.size > 1 else ""
+    data = source.describe()
+    say(f"vlp {command}: {task.describe()}, {n_params / 1e6:.2f}M params, {world.size} process"
+        f"{plural} x {threads} thread{'s' * (threads > 1)}, ZeRO-{engine.zero_stage}"
+        f"{', ' + data if data else ''}, batch {t.batch_size} x {world.size} process{plural} x "
+        f"{t.grad_accum} accumulation, {t.steps} steps, {t.precision}, out={out_dir}")
+
+    def save(step: int) -> None:
+        """All ranks: DeepSpeed's files, each rank's RNG state; rank 0: the trainer state with
+        every rank's data position, then the atomic publish."""
+        name = f"step_{step:08d}"
+        if main:
+            checkpoint.begin(ckpt_root, name)
+        dist.barrier()
+        tmp = ckpt_root / f"{name}.tmp"
+        engine.save(tmp)
+        torch.save(rng_state(), tmp / f"rng_rank{world.rank:05d}.pt")
+        positions = dist.all_gather_object(source.state(), world)
+        skips = dist.all_gather_object(dict(source.skipped), world)
+        if main:
+            tokenizer = out_dir / "tokenizer.json"
+            if tokenizer.is_file():  # resumable from the checkpoint folder alone
+                shutil.copy(tokenizer, tmp / "tokenizer.json")
+            state = {"step": step, "task": task.name, "samples_seen": samples_seen,
+                     "skipped": skips, "bad_steps": bad_steps_total, "epoch": source.epoch,
+                     "world_size": world.size, "data": positions}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
+        dist.barrier()
+        if main:
+            checkpoint.commit(ckpt_root, name, t.keep_checkpoints)
+        dist.barrier()
+
+    def evaluate(step: int) -> None:
+        """`eval.every`: the live weights (gathered across ranks under ZeRO-3) evaluated on
+        rank 0 while the others wait."""
+        weights = engine.full_state_dict()  # a collective under ZeRO-3
+        if main:
+            model = task.build_model(pretrained=False)
+            model.load_state_dict(weights)
+            metrics = task.evaluate(model.eval().to(engine.device), out_dir, False)
+            log.write({"step": step, "event": "eval", **metrics})
+            if tensorboard:
+                tensorboard.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+        dist.barrier()
+        engine.module.train()
+
+    bar = tqdm(total=t.steps, initial=engine.global_step, desc=command, unit="step",
+               disable=not (progress and main), dynamic_ncols=True)
+    engine.module.train()
+    consecutive_bad, rate, last_saved, stopped_early = 0, None, -1, False
+    t_train = t_last = time.time()
+    step_losses: list[float] = []
+    step_samples, step_digest = 0, hashlib.sha1()
+    step_metrics: list[list[float]] = [[] for _ in task.metric_names]
+    with StopRequests() as stop:
+        while engine.global_step < t.steps:
+            batch = source.next()
+            sizes = dist.all_gather_rows([batch is not None, len(batch) if batch else 0], world)
+            if not bool(sizes[:, 0].all()):  # some rank's epoch is over: everyone's is
+                source.new_epoch()
+                continue
+            smallest = int(sizes[:, 1].min())
+            if smallest < len(batch):  # unreadable samples left this rank's batch larger
+                batch = batch.first(smallest)
+            loss, values = task.loss(engine, batch)
+            rows = dist.all_gather_rows([loss.item(), len(batch), stop.requested,
+                                         batch_digest(batch.keys), *values], world)
+            if not bool(torch.isfinite(rows[:, 0]).all()):
+                consecutive_bad += 1
+                bad_steps_total += 1
+                if log:
+                    log.write({"step": engine.global_step + 1, "event": "non_finite_loss",
+                               "loss": [float(x) for x in rows[:, 0]]})
+                if consecutive_bad >= t.max_bad_steps:
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"loss was NaN/inf for {consecutive_bad} consecutive batches at step "
+                        f"{engine.global_step + 1}; lower train.lr (now {t.lr}) or check "
+                        f"the data. The last good checkpoint is in {ckpt_root}.")
+                continue  # no backward: the batch is dropped, the step takes the next one
+            consecutive_bad = 0
+            engine.backward(loss)
+            step_losses.append(float(rows[:, 0].mean()))
+            step_samples += int(rows[:, 1].sum())
+            step_digest.update(rows[:, 3].numpy().tobytes())
+            for i, column in enumerate(step_metrics):  # averaged over processes
+                column.append(float(rows[:, 4 + i].nanmean()))
+            stop_now = bool(rows[:, 2].any())
+            if not engine.step():
+                continue  # more micro-batches to accumulate
+            samples_seen += step_samples
+            step = engine.global_step
+            now = time.time()
+            inst = step_samples / max(now - t_last, 1e-9)
+            rate = inst if rate is None else 0.9 * rate + 0.1 * inst
+            t_last = now
+            loss_value = sum(step_losses) / len(step_losses)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{engine.lr:.2e}",
+                            samples_s=f"{rate:.0f}")
+            log_step = step % t.log_every == 0 or step == t.steps
+            if log_step:
+                all_skipped = total_skips(source.skipped, world)  # a collective: every rank
+            if log and log_step:
+                record = {"step": step, "loss": loss_value, "lr": engine.lr,
+                          "samples_per_s": rate, "samples_seen": samples_seen,
+                          "epoch": source.epoch_progress(samples_seen),
+                          **{name: sum(v) / len(v) for name, v in
+                             zip(task.metric_names, step_metrics)},
+                          "grad_norm": engine.grad_norm(),
+                          "skipped": all_skipped, "bad_steps": bad_steps_total,
+                          "fp16_overflow_steps": engine.overflow_steps,
+                          "data_digest": step_digest.hexdigest()[:16],
+                          "time_s": round(now - t_train, 3)}
+                log.write(record)
+                if tensorboard:
+                    tensorboard.write(step, {f"train/{k}": v for k, v in record.items()})
+            step_losses, step_samples, step_digest = [], 0, hashlib.sha1()
+            step_metrics = [[] for _ in task.metric_names]
+            if stop_now:
+                save(step)
+                last_saved, stopped_early = step, True
+                break
+            if t.save_every and step % t.save_every == 0:
+                save(step)
+                last_saved = step
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps:
+                evaluate(step)
+    bar.close()
+    if stopped_early:
+        say(f"\nstopped: checkpoint saved at step {engine.global_step}; continue with "
+            f"`vlp {command} --out {out_dir} --resume latest` (same config and process count)")
+        raise KeyboardInterrupt
+    if last_saved != engine.global_step:
+        save(engine.global_step)
+    skipped = total_skips(source.skipped, world)
+    metrics: dict = {"train_steps": engine.global_step, "train_samples": samples_seen,
+                     "train_time_s": round(time.time() - t_train, 1),
+                     "train_bad_steps": bad_steps_total,
+                     "train_skipped_samples": skipped_samples(skipped),
+                     "train_processes": world.size}
+    metrics.update({f"train_skipped_{k}": v for k, v in sorted(skipped.items())})
+    if not main:
+        return metrics
+
+    # The model directory: full fp32 weights, merged from ZeRO partitions when there are any,
+    # in a fresh module.
+    weights = engine.consolidated_state_dict(ckpt_root / f"step_{engine.global_step:08d}")
+    say(f"trained {engine.global_step} steps, {samples_seen} samples in "
+        f"{metrics['train_time_s']:.0f} s; skipped samples: {format_skips(skipped)}")
+    final = task.build_model(pretrained=False)
+    final.load_state_dict(weights)
+    final.eval()
+    folder = task.save_model(final, out_dir / "model")
+    if cfg.eval.at_end:
+        metrics.update(task.evaluate(final.to(engine.device), out_dir, progress))
+    metrics["total_time_s"] = round(time.time() - started, 1)
+    log.write({"step": engine.global_step, "event": "end", **metrics})
+    log.close()
+    if tensorboard:
+        tensorboard.write(engine.global_step, {f"eval/{k}": v for k, v in metrics.items()})
+        tensorboard.close()
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    say(f"model: {folder}  metrics: {out_dir / 'metrics.json'}")
+    return metrics
