@@ -52,19 +52,32 @@ def _train(run, cfg, args: argparse.Namespace, name: str) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace, overrides: list[str], cls):
+    """The run's config, checked before any work: defaults <- --config <- overrides; with
+    --resume, the resumed run's saved config.yaml comes first (what it was started with)."""
+    from vlp.config import load_config, read_yaml
+    from vlp.engine.loop import saved_config_path
+
+    saved = None
+    if args.resume and (args.out or args.resume != "latest"):
+        saved = saved_config_path(args.out or ".", args.resume)
+    return load_config(args.config, overrides, cls=cls,
+                       base=read_yaml(saved) if saved else None)
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from vlp.config import load_config
+    from vlp.config import PretrainConfig
     from vlp.recipes import pretrain
 
-    cfg = load_config(args.config, args.overrides)  # fails here, before any work, on bad keys
+    cfg = _run_config(args, args.overrides, PretrainConfig)
     return _train(pretrain, cfg, args, "pretrain")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from vlp.config import FinetuneConfig, load_config
+    from vlp.config import FinetuneConfig
     from vlp.tasks import finetune
 
-    cfg = load_config(args.config, [f"task={args.task}", *args.overrides], cls=FinetuneConfig)
+    cfg = _run_config(args, [f"task={args.task}", *args.overrides], FinetuneConfig)
     if cfg.task != args.task:
         raise ConfigError(f"{args.config} is a config for task {cfg.task!r}, not {args.task!r}")
     return _train(finetune, cfg, args, f"finetune-{args.task}")

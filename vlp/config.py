@@ -352,23 +352,79 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a mapping; a missing file or a syntax error is one ConfigError
+    naming the file (and the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got "
+                          f"{type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type = PretrainConfig) -> Any:
-    """Defaults <- YAML file <- `key=value` overrides, each checked strictly."""
+                cls: type = PretrainConfig, base: dict | None = None) -> Any:
+    """Defaults <- `base` (a resumed run's saved config) <- YAML file <- `key=value`
+    overrides, each checked strictly."""
     cfg = cls()
+    if base:
+        apply_dict(cfg, base)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
         try:
-            apply_dict(cfg, data)
+            apply_dict(cfg, read_yaml(path))
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ConfigError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     if overrides:
         apply_dict(cfg, parse_overrides(overrides))
     validate(cfg)
     return cfg
+
+
+# What a resumed run may change: nothing already trained or read depends on these. train.steps
+# (and fine-tuning's epochs) move the end of the run and so the rest of the LR schedule.
+RESUME_SAFE = ("train.steps", "epochs", "train.save_every", "train.log_every",
+               "train.keep_checkpoints", "train.max_bad_steps", "train.threads", "logging.",
+               "eval.", "data.val")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, now: dict, source: str) -> list[str]:
+    """The keys a resumed run changes from its saved config (`source` names it), as
+    "key: old -> new" lines for the log; a change that cannot apply to a resumed run (batch
+    size, data, model, optimizer...) raises ConfigError naming the key."""
+    before, after = _flatten(saved), _flatten(now)
+    changed = [k for k in after if k in before and before[k] != after[k]]
+    unsafe = [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s))
+                                            for s in RESUME_SAFE)]
+    if unsafe:
+        k = unsafe[0]
+        raise ConfigError(f"--resume continues a run whose {k}={before[k]!r} ({source}); this "
+                          f"launch asks for {k}={after[k]!r}, which a resumed run cannot "
+                          f"change{f' (also {unsafe[1:]})' if len(unsafe) > 1 else ''}. Drop "
+                          "the override, or start a new run with --out")
+    return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed]
 
 
 def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
@@ -386,16 +442,14 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
         if tower.width % tower.heads:
             raise ConfigError(f"model.{name}.width={tower.width} must be divisible by "
                               f"model.{name}.heads={tower.heads}")
-    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
-                "train.grad_accum": cfg.train.grad_accum,
-                "model.text.context_length": t.context_length, "model.embed_dim": cfg.model.embed_dim}
+    _validate_train(cfg.train)
+    positive = {"model.text.context_length": t.context_length,
+                "model.embed_dim": cfg.model.embed_dim, "eval.batch_size": cfg.eval.batch_size}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
-    for key, value in (("train.warmup_steps", cfg.train.warmup_steps),
-                       ("eval.every", cfg.eval.every)):
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
+    if cfg.eval.every < 0:
+        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
     f = cfg.model.fusion
@@ -422,17 +476,39 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
             raise ConfigError(f"objectives.{key}={getattr(o, key)} must be within [0, 1]")
 
 
+def _validate_train(t: TrainConfig) -> None:
+    """The train block's ranges (both kinds of run)."""
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
+    for key in ("warmup_steps", "save_every", "keep_checkpoints", "threads"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
+    for key, low, low_ok, high in (("lr", 0.0, False, math.inf), ("min_lr", 0.0, True, math.inf),
+                                   ("weight_decay", 0.0, True, math.inf),
+                                   ("eps", 0.0, False, math.inf),
+                                   ("grad_clip", 0.0, True, math.inf),
+                                   ("beta1", 0.0, True, 1.0), ("beta2", 0.0, True, 1.0)):
+        value = getattr(t, key)
+        if not (math.isfinite(value) and (value > low or (low_ok and value == low))
+                and value < high):
+            valid = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high < math.inf
+                                                         else "")
+            raise ConfigError(f"train.{key}={value} is not valid: a finite number {valid}")
+
+
 def _validate_finetune(cfg: FinetuneConfig) -> None:
-    positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
-                "train.grad_accum": cfg.train.grad_accum, "eval.batch_size": cfg.eval.batch_size,
+    _validate_train(cfg.train)
+    positive = {"eval.batch_size": cfg.eval.batch_size,
                 "vqa.num_answers": cfg.vqa.num_answers,
                 "caption.max_length": cfg.caption.max_length,
                 "caption.beam_size": cfg.caption.beam_size, "vcr.max_length": cfg.vcr.max_length}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
-    for key, value in (("epochs", cfg.epochs), ("train.warmup_steps", cfg.train.warmup_steps),
-                       ("data.num_workers", cfg.data.num_workers),
+    if not math.isfinite(cfg.epochs):
+        raise ConfigError(f"epochs={cfg.epochs} must be a finite number >= 0")
+    for key, value in (("epochs", cfg.epochs), ("data.num_workers", cfg.data.num_workers),
                        ("retrieval.rerank_k", cfg.retrieval.rerank_k),
                        ("eval.every", cfg.eval.every)):
         if value < 0:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlp.config import ConfigError
+from vlp.config import ConfigError, read_yaml, resume_changes, to_dict
 from vlp.data.pipeline import accumulate, format_skips, skipped_samples
 from vlp.data.sources import DataSource
 from vlp.engine import checkpoint, dist
@@ -88,6 +88,31 @@ def resolve_resume(out_dir: Path, resume: str | None) -> Path | None:
         raise FileNotFoundError(f"{folder} has no {TRAINER_STATE}: not a complete vlp "
                                 "checkpoint (or one written by an older vlp)")
     return folder
+
+
+def saved_config_path(out_dir: str | Path, resume: str | None) -> Path | None:
+    """The config.yaml of the run `--resume` continues: the checkpoint's own copy, else the
+    run folder's (checkpoints written before the copy existed); None without --resume or
+    when neither exists."""
+    folder = resolve_resume(out_dir, resume)
+    if folder is None:
+        return None
+    for path in (folder / "config.yaml", Path(out_dir) / "config.yaml"):
+        if path.is_file():
+            return path
+    return None
+
+
+def check_resumed_config(cfg, out_dir: Path, resume_from: Path | None, say) -> None:
+    """A resumed run's (resolved) config against the one its checkpoint was written with: a
+    change a resumed run cannot take is refused by name, the others are logged."""
+    if resume_from is None:
+        return
+    path = saved_config_path(out_dir, str(resume_from))
+    if path is None:
+        return
+    for change in resume_changes(read_yaml(path), to_dict(cfg), str(path)):
+        say(f"resume: {change}")
 
 
 def total_skips(skipped: dict, world: dist.World) -> dict:
@@ -155,9 +180,9 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
         positions = dist.all_gather_object(source.state(), world)
         skips = dist.all_gather_object(dict(source.skipped), world)
         if main:
-            tokenizer = out_dir / "tokenizer.json"
-            if tokenizer.is_file():  # resumable from the checkpoint folder alone
-                shutil.copy(tokenizer, tmp / "tokenizer.json")
+            for file in ("tokenizer.json", "config.yaml"):  # resumable from the folder alone
+                if (out_dir / file).is_file():
+                    shutil.copy(out_dir / file, tmp / file)
             state = {"step": step, "task": task.name, "samples_seen": samples_seen,
                      "skipped": skips, "bad_steps": bad_steps_total, "epoch": source.epoch,
                      "world_size": world.size, "data": positions}

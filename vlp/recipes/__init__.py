@@ -23,7 +23,7 @@ from vlp.data.sources import ShardSource
 from vlp.data.transforms import ImageTransform
 from vlp.engine import dist
 from vlp.engine.logs import check_tensorboard
-from vlp.engine.loop import resolve_resume, train
+from vlp.engine.loop import check_resumed_config, resolve_resume, train
 from vlp.engine.setup import build_tokenizer, resolve_data, tokenizer_cache
 from vlp.engine.task import Task
 from vlp.recipes.combined import CombinedRecipe
@@ -62,6 +62,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     if adopted:
         say(f"model.init_text_from: taking the BERT folder's {', '.join(adopted)}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = resolve_resume(out_dir, resume)
+    check_resumed_config(cfg, out_dir, resume_from, say)  # before any work
 
     # Shapes world and tokenizer: made once (per node / by rank 0), read by all.
     if world.local_rank == 0:
@@ -72,7 +74,6 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     urls = expand_urls(train_spec)
     if not cfg.data.resampled:
         check_shards_vs_workers(len(urls), world.size, cfg.data.num_workers)
-    resume_from = resolve_resume(out_dir, resume)
     saved_tokenizer = out_dir / "tokenizer.json"
     if main:
         if resume_from and not cfg.tokenizer.path:

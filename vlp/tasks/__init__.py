@@ -27,7 +27,7 @@ from vlp.data.sources import MapSource
 from vlp.data.transforms import ImageTransform
 from vlp.engine import dist
 from vlp.engine.logs import check_tensorboard
-from vlp.engine.loop import resolve_resume, train
+from vlp.engine.loop import check_resumed_config, resolve_resume, train
 from vlp.engine.setup import benchmark_root
 from vlp.models.joint import JointEncoder
 from vlp.tasks.caption import CaptionTask
@@ -85,6 +85,7 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
     if cfg.epochs:  # resolved once, before any work: OUT/config.yaml says what runs
         steps = max(1, math.ceil(cfg.epochs * source.batches_per_epoch / cfg.train.grad_accum))
         cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+    check_resumed_config(cfg, out_dir, resume_from, print if world.is_main else lambda *a: None)
     if world.is_main:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         tokenizer.save(out_dir / "tokenizer.json")
