@@ -307,6 +307,24 @@ def test_bad_region_files_are_skipped_and_counted(bad_shards, wtok):
     assert samples[0]["pixel_values"].shape == (0,) and len(samples[0]["regions"]) == 3
 
 
+def test_one_odd_region_file_first_is_the_odd_one_out(tmp_path, wtok):
+    """Issue 17: the dataset's feature width is the majority of the first files', so a
+    100-wide file ahead of 99 good 16-wide ones is the one counted bad (it used to set the
+    width and make the 99 the bad ones)."""
+    rng = np.random.default_rng(0)
+    boxes = np.array([[2, 2, 10, 10]], np.float32)
+    members = sample("odd", 0, npz(features=rng.standard_normal((1, 100)).astype(np.float32),
+                                   boxes=boxes))
+    for i in range(1, 100):
+        members += sample(f"g{i:03d}", i, npz(
+            features=rng.standard_normal((1, 16)).astype(np.float32), boxes=boxes))
+    url = str(write_tar(tmp_path / "00000.tar", members))
+    assert region_feature_dim(url) == 16
+    batches, skipped = drain(loader(url, wtok, visual="regions"))
+    assert skipped == {"bad_regions": 1} and len(keys_of(batches)) == 99
+    assert "odd" not in keys_of(batches)
+
+
 # --------------------------------------------------------------------------- roi_align
 def test_map_boxes_by_hand():
     # 48 x 32 -> shorter side to 16: 24 x 16, centre crop 16 x 16 at left 4: x' = x / 2 - 4

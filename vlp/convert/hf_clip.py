@@ -33,6 +33,7 @@ import torch
 
 from vlp import modeldir
 from vlp.config import ModelConfig, TextConfig, VisionConfig
+from vlp.data.jsonfiles import read_config_json, typed_fields
 from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from vlp.models import DualTower
 from vlp.models.bert_init import mlp_ratio_for
@@ -70,14 +71,16 @@ def read_clip_config(folder: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{str(folder)!r} has no config.json; expected a Hugging Face "
                                 "CLIPModel folder (save_pretrained)")
-    raw = json.loads(path.read_text())
+    raw = read_config_json(path)
     if raw.get("model_type") != "clip":
         raise ValueError(f"{path}: model_type={raw.get('model_type')!r}; only 'clip' "
                          "(transformers.CLIPModel) converts")
-    cfg = {k: raw.get(k, v) for k, v in _CLIP_DEFAULTS.items()}
+    cfg = typed_fields(raw, _CLIP_DEFAULTS, str(path))
     for part, defaults in (("text", _TEXT_DEFAULTS), ("vision", _VISION_DEFAULTS)):
         sub = raw.get(f"{part}_config") or {}
-        cfg[part] = {k: v if sub.get(k) is None else sub[k] for k, v in defaults.items()}
+        if not isinstance(sub, dict):
+            raise ValueError(f"{path}: {part}_config must be an object, got {sub!r}")
+        cfg[part] = typed_fields(sub, defaults, f"{path}: {part}_config")
         c = cfg[part]
         if c["hidden_act"] not in HF_ACTIVATIONS:
             raise ValueError(f"{path}: {part}_config.hidden_act={c['hidden_act']!r} is not "

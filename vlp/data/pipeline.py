@@ -315,9 +315,12 @@ def collate_regions(regions: Sequence[Regions], dim: int | None = None) -> dict[
 
 
 def region_feature_dim(urls: str | Sequence[str], max_samples: int = PROBE_SAMPLES) -> int | None:
-    """D of the first usable regions.npz in shard order (the first `max_samples` samples are
-    looked at), or None. The loader fixes a dataset's feature dimension with it, so every rank,
-    worker and resumed run agrees on which files are bad_regions."""
+    """The feature dimension D most of the first `max_samples` samples' readable regions.npz
+    files have (ties: the one seen first), or None when none is readable. The loader fixes a
+    dataset's D with it, so every rank, worker and resumed run agrees on which files are
+    bad_regions; a majority, so one odd file first in the shards does not make every other
+    file the odd one out."""
+    counts: dict[int, int] = {}
     for sample in itertools.islice(iter_tar_samples(expand_urls(urls), lambda url, exn: None),
                                    max_samples):
         if REGIONS_EXT not in sample:
@@ -327,10 +330,11 @@ def region_feature_dim(urls: str | Sequence[str], max_samples: int = PROBE_SAMPL
         except SkipSample:
             wh = None
         try:
-            return int(read_regions(sample[REGIONS_EXT], wh).features.shape[1])
+            dim = int(read_regions(sample[REGIONS_EXT], wh).features.shape[1])
         except RegionError:
             continue
-    return None
+        counts[dim] = counts.get(dim, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None  # dicts keep first-seen order
 
 
 def has_region_files(urls: str | Sequence[str]) -> bool:

@@ -59,10 +59,11 @@ class ShardSource(DataSource):
     """A rank's share of webdataset shards (`make_loader_for(epoch, start)` -> a make_loader
     loader), with the position of every loader worker."""
 
-    def __init__(self, make_loader_for: Callable, *, num_shards: int,
+    def __init__(self, make_loader_for: Callable, *, urls: list[str], batch_size: int,
                  num_samples: int | None = None, resampled: bool = False):
         self._make = make_loader_for
-        self.num_shards, self.num_samples, self.resampled = num_shards, num_samples, resampled
+        self.urls, self.batch_size = urls, batch_size
+        self.num_shards, self.num_samples, self.resampled = len(urls), num_samples, resampled
         self.skipped: dict[str, int] = {}
         self._open(0, None)
 
@@ -94,9 +95,14 @@ class ShardSource(DataSource):
 
     def new_epoch(self) -> None:
         if self.batches_this_epoch == 0:
-            raise RuntimeError("a whole epoch produced no usable batch on this process; skipped "
-                               f"so far: {format_skips(self.skipped)}. Check data.train and "
-                               "train.batch_size (larger than the data per process?).")
+            shards = ", ".join(self.urls[:3]) + (", ..." if len(self.urls) > 3 else "")
+            size = f"{self.num_samples} samples in all" if self.num_samples else \
+                "no sample count (no _stats.json)"
+            raise ConfigError(
+                f"a whole epoch of the {self.num_shards} training shard(s) ({shards}; {size}) "
+                f"gave this process no full batch of train.batch_size={self.batch_size}; "
+                f"skipped: {format_skips(self.skipped)}. Check data.train, or lower "
+                "train.batch_size below the samples each process reads")
         self._open(self.epoch + 1, None)
 
     def state(self) -> dict:

@@ -5,8 +5,8 @@ import os
 import shutil
 from pathlib import Path
 
-from vlp.config import DataConfig, FinetuneDataConfig, TokenizerConfig
-from vlp.data.pipeline import iter_captions
+from vlp.config import ConfigError, DataConfig, FinetuneDataConfig, TokenizerConfig
+from vlp.data.pipeline import SkipCounter, format_skips, iter_captions
 from vlp.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 SHAPES_FORMAT = "v3"  # bump when the generator's output changes, so caches regenerate
@@ -64,7 +64,15 @@ def build_tokenizer(cfg: TokenizerConfig, train_urls: list[str], save_to: Path,
     elif cache is not None and cache.is_file():
         tok = load_tokenizer(cache)
     else:
-        tok = train_tokenizer(iter_captions(train_urls), vocab_size=cfg.vocab_size)
+        skips = SkipCounter()
+        captions = list(iter_captions(train_urls, skips))
+        if not captions:
+            raise ConfigError(
+                f"no caption could be read from the {len(train_urls)} training shard(s) "
+                f"({', '.join(train_urls[:3])}{', ...' if len(train_urls) > 3 else ''}) to train "
+                f"a tokenizer: {format_skips(skips.counts)}. Are they webdataset tars with "
+                "{key}.txt or {key}.json captions? (or set tokenizer.path)")
+        tok = train_tokenizer(captions, vocab_size=cfg.vocab_size)
         if cache is not None:
             tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
             tok.save(tmp)

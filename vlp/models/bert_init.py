@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from vlp.config import ConfigError
+from vlp.data.jsonfiles import read_config_json, typed_fields
 from vlp.models.embed import BertEmbed
 from vlp.models.encoder import Transformer
 
@@ -58,23 +60,23 @@ def read_bert_config(folder: str | Path) -> dict:
                                 "config.json and weights")
     if not path.is_file():
         raise FileNotFoundError(f"BERT folder {str(folder)!r} has no config.json")
-    raw = json.loads(path.read_text())
+    raw = read_config_json(path)
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+        raise ConfigError(f"{path}: missing key(s) {', '.join(missing)}")
     if raw.get("model_type", "bert") != "bert":
-        raise ValueError(f"{path}: model_type={raw['model_type']!r}; only BERT ('bert') "
+        raise ConfigError(f"{path}: model_type={raw['model_type']!r}; only BERT ('bert') "
                          "checkpoints load into BertEmbed + Transformer")
     if raw.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{path}: position_embedding_type="
+        raise ConfigError(f"{path}: position_embedding_type="
                          f"{raw['position_embedding_type']!r}; only 'absolute' is supported")
-    cfg = {k: raw[k] for k in _REQUIRED}
-    cfg.update({k: v if raw.get(k) is None else raw[k] for k, v in _DEFAULTS.items()})
+    cfg = typed_fields(raw, {k: 0 for k in _REQUIRED}, str(path))
+    cfg.update(typed_fields(raw, _DEFAULTS, str(path)))
     if cfg["hidden_act"] not in BERT_ACTIVATIONS:
-        raise ValueError(f"{path}: hidden_act={cfg['hidden_act']!r} is not supported; valid: "
+        raise ConfigError(f"{path}: hidden_act={cfg['hidden_act']!r} is not supported; valid: "
                          f"{', '.join(BERT_ACTIVATIONS)}")
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        raise ValueError(f"{path}: hidden_size={cfg['hidden_size']} is not divisible by "
+        raise ConfigError(f"{path}: hidden_size={cfg['hidden_size']} is not divisible by "
                          f"num_attention_heads={cfg['num_attention_heads']}")
     cfg["act"] = BERT_ACTIVATIONS[cfg["hidden_act"]]
     return cfg
@@ -138,7 +140,7 @@ def _bert_prefix(sd: dict[str, torch.Tensor], folder: Path) -> str:
         if prefix + "embeddings.word_embeddings.weight" in sd:
             return prefix
     sample = ", ".join(sorted(sd)[:5])
-    raise ValueError(f"BERT folder {str(folder)!r}: no 'bert.embeddings.word_embeddings.weight' "
+    raise ConfigError(f"BERT folder {str(folder)!r}: no 'bert.embeddings.word_embeddings.weight' "
                      f"or 'embeddings.word_embeddings.weight' in the checkpoint (first keys: "
                      f"{sample}); is it a BERT checkpoint?")
 
@@ -193,7 +195,7 @@ def load_bert_weights(embed: BertEmbed, transformer: Transformer,
     n_theirs = 1 + max((int(k[len(layer_prefix):].split(".")[0])
                         for k in sd if k.startswith(layer_prefix)), default=-1)
     if n_theirs != n_layers:
-        raise ValueError(f"BERT folder {str(folder)!r} has {n_theirs} layers, the Transformer "
+        raise ConfigError(f"BERT folder {str(folder)!r} has {n_theirs} layers, the Transformer "
                          f"{n_layers}; build it with layers={n_theirs}")
     ours = {"embed." + k: v for k, v in embed.state_dict(keep_vars=True).items()}
     ours.update({"transformer." + k: v
@@ -203,11 +205,11 @@ def load_bert_weights(embed: BertEmbed, transformer: Transformer,
     for our_key, hf_keys in _pairs(prefix, n_layers):
         absent = [k for k in hf_keys if k not in sd]
         if absent:
-            raise ValueError(f"BERT folder {str(folder)!r}: checkpoint has no {absent[0]!r} "
+            raise ConfigError(f"BERT folder {str(folder)!r}: checkpoint has no {absent[0]!r} "
                              f"(needed for our {our_key})")
         theirs = torch.cat([sd[k] for k in hf_keys]) if len(hf_keys) > 1 else sd[hf_keys[0]]
         if ours[our_key].shape != theirs.shape:
-            raise ValueError(f"BERT folder {str(folder)!r}: shape mismatch at {our_key} <- "
+            raise ConfigError(f"BERT folder {str(folder)!r}: shape mismatch at {our_key} <- "
                              f"{' + '.join(hf_keys)}: ours {tuple(ours[our_key].shape)} vs "
                              f"theirs {tuple(theirs.shape)}")
         plan.append((our_key, hf_keys, theirs))

@@ -72,6 +72,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     if world.local_rank != 0:
         train_spec, val_spec = resolve_data(cfg.data, progress=False)
     urls = expand_urls(train_spec)
+    if val_spec and (cfg.eval.at_end or cfg.eval.every):
+        expand_urls(val_spec)  # a missing data.val stops the run now, not after training
     if not cfg.data.resampled:
         check_shards_vs_workers(len(urls), world.size, cfg.data.num_workers)
     saved_tokenizer = out_dir / "tokenizer.json"
@@ -100,7 +102,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
                            resampled=cfg.data.resampled, caption=cfg.data.caption, epoch=epoch,
                            start=start, **recipe.loader_kwargs())
 
-    source = ShardSource(loader_for, num_shards=len(urls), num_samples=count_samples(urls),
-                         resampled=cfg.data.resampled)
+    source = ShardSource(loader_for, urls=urls, batch_size=cfg.train.batch_size,
+                         num_samples=count_samples(urls), resampled=cfg.data.resampled)
     return train(recipe, source, cfg, out_dir, world, resume_from=resume_from,
                  progress=progress, command="pretrain", started=started)
