@@ -15,10 +15,11 @@ a busy moment on the machine hits both.
 
 Without --index the bench builds the default-size index first: the 1,000-image held-out split
 the README's retrieval acceptance indexes (a shapes-world corpus of 1,000 images, generated
-once into --work), embedded by the default dual tower (1.7M parameters, randomly initialised:
-weights do not change the speed) with `--text`.
+once into --work), embedded by the default dual tower (1.7M parameters; `--model vit-b-32`:
+CLIP ViT-B/32's shape) with `--text`, randomly initialised: weights do not change the speed.
 
     python bench/serve_bench.py                                  # text and image bursts
+    python bench/serve_bench.py --model vit-b-32                 # a CLIP ViT-B/32-sized model
     python bench/serve_bench.py --kinds text --rounds 5 --baseline-src /tmp/serve_old
     python bench/serve_bench.py --index runs/a/index --clients 500
 """
@@ -37,6 +38,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+MODELS = ("default", "vit-b-32")
 TEXTS = ["a red circle", "a small blue square on the left", "two green triangles",
          "a yellow star above a purple hexagon", "a large white diamond in the top right",
          "a red cross to the left of a blue circle", "three shapes", "a small pink circle"]
@@ -47,6 +49,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--index", help="an index folder (default: build the default-size one)")
     p.add_argument("--work", default="/tmp/vlp_serve_bench", help="where the default index "
                    "and its corpus are built (reused when present)")
+    p.add_argument("--model", default="default", choices=sorted(MODELS),
+                   help="without --index: the model shape that embeds the corpus and serves")
     p.add_argument("--clients", type=int, default=200, help="concurrent requests per burst")
     p.add_argument("--kinds", default="text,image", help="bursts: text (POST /api/search) "
                    "and/or image (POST /api/search/image with a 64x64 JPEG)")
@@ -59,15 +63,26 @@ def parse_args() -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- the index
-def default_index(work: Path) -> Path:
-    """1,000 shapes-world images embedded by the default dual tower, image + text index."""
-    index = work / "index"
+def _model_config(name: str):
+    from vlp.config import ModelConfig, TextConfig, VisionConfig
+
+    if name == "vit-b-32":  # CLIP ViT-B/32's shape (151M parameters with a 1k vocabulary)
+        return ModelConfig(embed_dim=512, vision=VisionConfig(
+            width=768, layers=12, heads=12, image_size=224, patch_size=32, pre_norm=True,
+            act="quick_gelu"), text=TextConfig(width=512, layers=12, heads=8, context_length=77,
+                                               act="quick_gelu"))
+    return ModelConfig()  # the default `vlp pretrain` run's shape
+
+
+def default_index(work: Path, model: str) -> Path:
+    """1,000 shapes-world images embedded by a randomly initialised dual tower of shape
+    `model` (MODELS), image + text index."""
+    index = work / model / "index"
     if (index / "index_info.json").is_file():
         return index
     import torch
 
     from vlp.api import Pretrained
-    from vlp.config import ModelConfig
     from vlp.data.pipeline import iter_captions
     from vlp.data.synth import generate
     from vlp.data.transforms import ImageTransform
@@ -80,8 +95,8 @@ def default_index(work: Path) -> Path:
         generate(data, images=1000, val_images=0, benchmark_images=0, progress=False)
     torch.manual_seed(0)
     tok = train_tokenizer(iter_captions(f"{data}/train"), vocab_size=1000)
-    cfg = ModelConfig()
-    model_dir = work / "model"
+    cfg = _model_config(model)
+    model_dir = work / model / "model"
     Pretrained(DualTower(cfg, vocab_size=tok.vocab_size), tok,
                ImageTransform(cfg.vision.image_size)).save(model_dir)
     build(model_dir, f"{data}/train", index, text=True, progress=False)
@@ -107,15 +122,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, index: Path, src: str | None):
+    def __init__(self, name: str, index: Path, src: Path):
         self.name, self.port = name, free_port()
-        env = dict(os.environ)
-        if src:  # the other tree's vlp comes first on the path
-            env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")]).rstrip(
-                os.pathsep)
+        # `src`'s vlp first on the path; run from `src` too, because `python -m` puts the
+        # working directory before PYTHONPATH (run from a checkout, it would import that one)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(src), *filter(None, [os.environ.get("PYTHONPATH")])])}
         self.proc = subprocess.Popen([sys.executable, "-m", "vlp", "serve", "--index",
-                                      str(index), "--port", str(self.port)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                      str(index.resolve()), "--port", str(self.port)],
+                                     env=env, cwd=src, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.env, self.cwd = env, src
         deadline = time.time() + 120
         while True:
             try:
@@ -126,6 +143,13 @@ class Server:
                     raise RuntimeError(f"{name} server did not start (exit {self.proc.poll()})")
                 time.sleep(0.2)
         self.rss_start = self.memory("VmRSS")
+
+    def code(self) -> str:
+        """The serve.py a Python started like the server (same path, same directory) imports."""
+        out = subprocess.run([sys.executable, "-c", "import vlp.retrieval.serve as s; "
+                              "print(s.__file__)"], env=self.env, cwd=self.cwd,
+                             capture_output=True, text=True)
+        return out.stdout.strip() or out.stderr.strip()[-200:]
 
     def memory(self, field: str = "VmHWM") -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -183,12 +207,15 @@ def main() -> None:
     args = parse_args()
     if sys.version_info < (3, 11):
         sys.exit("serve_bench.py needs Python 3.11+ (asyncio.timeout)")
-    index = Path(args.index) if args.index else default_index(Path(args.work))
+    index = Path(args.index) if args.index else default_index(Path(args.work), args.model)
     count = json.loads((index / "index_info.json").read_text())["image"]["count"]
     image = query_image(index)
-    servers = [Server("this tree", index, None)]
+    servers = [Server("this tree", index, Path(__file__).resolve().parents[1])]
     if args.baseline_src:
-        servers.append(Server(f"baseline ({args.baseline_src})", index, args.baseline_src))
+        servers.append(Server(f"baseline ({args.baseline_src})", index,
+                              Path(args.baseline_src).resolve()))
+    for server in servers:  # which code each one runs
+        print(f"{server.name}: {server.code()}", flush=True)
     kinds = [k for k in args.kinds.split(",") if k]
     runs: dict[tuple[str, str], list] = {}
     try:
