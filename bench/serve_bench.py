@@ -13,10 +13,10 @@ all bursts with its resident memory before the first.
 e.g. `git archive OLD vlp | tar -x -C DIR`), and the two servers take turns burst by burst, so
 a busy moment on the machine hits both.
 
-Without --index the bench builds the default-size index first: the 1,000-image held-out split
-the README's retrieval acceptance indexes (a shapes-world corpus of 1,000 images, generated
-once into --work), embedded by the default dual tower (1.7M parameters; `--model vit-b-32`:
-CLIP ViT-B/32's shape) with `--text`, randomly initialised: weights do not change the speed.
+Without --index the bench builds the default-size index first: 1,000 images, as many as the
+README's retrieval acceptance indexes (a shapes-world corpus generated once into --work),
+embedded with `--text` by the default dual tower (1.8M parameters; `--model vit-b-32`: CLIP
+ViT-B/32's tower shapes), randomly initialised: weights do not change the speed.
 
     python bench/serve_bench.py                                  # text and image bursts
     python bench/serve_bench.py --model vit-b-32                 # a CLIP ViT-B/32-sized model
@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
 def _model_config(name: str):
     from vlp.config import ModelConfig, TextConfig, VisionConfig
 
-    if name == "vit-b-32":  # CLIP ViT-B/32's shape (151M parameters with a 1k vocabulary)
+    if name == "vit-b-32":  # CLIP ViT-B/32's towers (with a 1k vocabulary, not 49k)
         return ModelConfig(embed_dim=512, vision=VisionConfig(
             width=768, layers=12, heads=12, image_size=224, patch_size=32, pre_norm=True,
             act="quick_gelu"), text=TextConfig(width=512, layers=12, heads=8, context_length=77,
@@ -157,6 +157,20 @@ class Server:
                 return int(line.split()[1]) * 1024
         return 0
 
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    def wait_idle(self, limit: float = 300) -> None:
+        """Until the process stops using CPU: a server still working through requests whose
+        clients gave up would steal the other server's burst."""
+        deadline = time.time() + limit
+        while time.time() < deadline:
+            before = self.cpu_seconds()
+            time.sleep(0.5)
+            if self.cpu_seconds() - before < 0.05:
+                return
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -225,6 +239,8 @@ def main() -> None:
         for r in range(args.rounds):
             for kind in kinds:
                 for server in servers if r % 2 == 0 else servers[::-1]:
+                    for s in servers:
+                        s.wait_idle()
                     results, wall = asyncio.run(burst(
                         server.port, requests_for(kind, args.clients, args.k, image),
                         args.timeout))
