@@ -1,6 +1,7 @@
 """vlp.retrieval: embedding a corpus (skips, resume after a kill), the index chooser, index
 families, exact search against numpy, and `vlp index build` / `vlp search` end to end on a
 small shapes world with a tiny random model."""
+import gc
 import io
 import json
 import signal
@@ -10,6 +11,7 @@ import sys
 import tarfile
 import textwrap
 import time
+import weakref
 from pathlib import Path
 
 import faiss
@@ -334,3 +336,51 @@ def test_recall_at_k():
     exact = np.array([[0, 1, 2], [3, 4, 5]])
     assert recall_at_k(exact, exact, 3) == 1.0
     assert recall_at_k(np.array([[2, 1, 9], [-1, -1, -1]]), exact, 3) == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16_HNSW32,Flat", "OPQ8_32,IVF16,PQ8x4np"])
+def test_ivf_training_keeps_its_clustering_index_alive(factory, monkeypatch, one_faiss_thread):
+    """Issue 18: faiss keeps only a raw pointer to `clustering_index`, so the index given
+    for the k-means (a GPU flat index with faiss-gpu) must stay referenced until `train`
+    returns. Checked on the CPU with a CPU IndexFlatL2 in its place: alive (after a garbage
+    collection) when train starts, used by the k-means, released and unset afterwards, and
+    the cells equal those of faiss's own assignment (L2 = inner product on unit vectors)."""
+    rng = np.random.default_rng(0)
+    n, d = 3000, 32
+    centers = rng.normal(size=(40, d))
+    x = centers[rng.integers(0, 40, n)] + 0.5 * rng.normal(size=(n, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    chunks = lambda: iter([(0, x[:2000]), (2000, x[2000:])])  # noqa: E731
+    made, seen = [], {}
+
+    def make(dim):
+        index = faiss.IndexFlatL2(dim)
+        made.append(weakref.ref(index))  # no strong reference here: liveness is the code's
+        return index
+
+    cls = type(faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT))
+    original = cls.train
+
+    def train(self, data):
+        gc.collect()
+        seen["alive"] = [r() is not None for r in made]
+        seen["set"] = faiss.extract_index_ivf(self).clustering_index is not None
+        if not all(seen["alive"]):  # training now would read freed memory
+            raise AssertionError("clustering index freed before train")
+        original(self, data)
+        seen["used"] = made[0]().ntotal  # k-means left its centroids in it
+
+    monkeypatch.setattr(cls, "train", train)
+    index, _ = train_and_add(factory, d, n, chunks, lambda ids: x[ids], clustering_index=make)
+    monkeypatch.setattr(cls, "train", original)
+    gc.collect()
+    assert seen == {"alive": [True], "set": True, "used": 16}
+    assert made[0]() is None  # released once trained
+    assert faiss.extract_index_ivf(index).clustering_index is None
+
+    default, _ = train_and_add(factory, d, n, chunks, lambda ids: x[ids])
+    cells = [faiss.extract_index_ivf(i).quantizer.reconstruct_n(0, 16) for i in (index, default)]
+    np.testing.assert_allclose(cells[0], cells[1], atol=1e-5)
+    for i in (index, default):
+        faiss.ParameterSpace().set_index_parameters(i, "nprobe=4")
+    np.testing.assert_array_equal(index.search(x[:200], 10)[1], default.search(x[:200], 10)[1])

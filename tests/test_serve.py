@@ -32,11 +32,12 @@ def server(built):  # noqa: F811
 
 def request(server, method: str, path: str, body: bytes | str = b"",
             headers: dict | None = None) -> tuple[int, dict, bytes]:
+    """(status, headers (names case-insensitive, as HTTP has them), body)."""
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
+        return response.status, response.headers, response.read()
     finally:
         conn.close()
 

@@ -305,8 +305,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from vlp.retrieval.serve import make_server
 
     searcher = Searcher(args.index, model=args.model)
+    try:
+        server = make_server(searcher, args.host, args.port)  # a port in use fails first
+    except OSError as e:
+        print(f"vlp serve: error: {e}", file=sys.stderr)
+        return 2
     searcher.model  # load it now: the first query should not wait for it
-    server = make_server(searcher, args.host, args.port)
     print(f"serving {args.index} ({searcher.count} images) on {server.url}  (Ctrl-C stops)",
           flush=True)
     try:

@@ -242,15 +242,35 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_all_gpus(index)
 
 
-def _gpu_training(index: faiss.Index) -> None:
-    """k-means of the IVF cells on the GPU (what autofaiss does): the bulk of training."""
-    if not use_gpu():
+def gpu_clustering_index(d: int) -> faiss.Index:
+    """A flat L2 index on every GPU, for the k-means of IVF training (what autofaiss does: the
+    bulk of training). L2 assignment equals inner-product assignment here: the vectors are
+    L2-normalised and faiss trains inner-product cells with spherical k-means."""
+    return faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(d))
+
+
+@contextlib.contextmanager
+def _clustering_index(index: faiss.Index, make: Callable[[int], faiss.Index] | None):
+    """Use make(d) for the k-means of `index`'s IVF cells while the block runs.
+
+    faiss stores `clustering_index` as a raw pointer and keeps no Python reference to it, so
+    an index assigned and then dropped is freed (with its GPU resources) before `train` uses
+    it: faiss-gpu crashed (issue 18). The reference lives here until training returns, and
+    the field is cleared after, so the IVF index never points at a freed object."""
+    if make is None:
+        yield None
         return
     try:
         ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
+    except RuntimeError:  # not an IVF index (Flat, HNSW): nothing to cluster
+        yield None
         return
-    ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+    clustering = make(ivf.d)
+    ivf.clustering_index = clustering
+    try:
+        yield clustering
+    finally:
+        ivf.clustering_index = None
 
 
 # --------------------------------------------------------------------------- exact search
@@ -373,10 +393,15 @@ Chunks = Callable[[], Iterator[tuple[int, np.ndarray]]]  # () -> (first id, vect
 
 def train_and_add(factory: str, d: int, n: int, chunks: Chunks,
                   sample: Callable[[np.ndarray], np.ndarray], *, seed: int = 0,
-                  progress: bool = False, desc: str = "add") -> tuple[faiss.Index, dict]:
+                  progress: bool = False, desc: str = "add",
+                  clustering_index: Callable[[int], faiss.Index] | None = None
+                  ) -> tuple[faiss.Index, dict]:
     """index_factory(d, factory, inner product), trained on a random sample of the n vectors
     (`sample(ids)` returns them) and filled from `chunks()` in id order. Returns the CPU index
-    and timings {train_s, add_s, train_size}."""
+    and timings {train_s, add_s, train_size}.
+
+    `clustering_index(d)` makes the index that assigns points to cells during IVF k-means;
+    default: `gpu_clustering_index` with faiss-gpu and a GPU, else faiss's own."""
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -390,9 +415,9 @@ def train_and_add(factory: str, d: int, n: int, chunks: Chunks,
         want = max(64 * int(m.group(1)) if m else 0, 10_000)
         ids = np.sort(np.random.default_rng(seed).choice(n, size=min(n, want), replace=False))
         x = sample(ids)
-        _gpu_training(index)
+        make = clustering_index or (gpu_clustering_index if use_gpu() else None)
         t = time.perf_counter()
-        with _opq_codebook(index, factory):
+        with _opq_codebook(index, factory), _clustering_index(index, make):
             index.train(x)
         stats.update(train_size=len(ids), train_s=round(time.perf_counter() - t, 3))
     t = time.perf_counter()

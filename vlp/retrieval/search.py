@@ -14,9 +14,11 @@ import json
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import faiss
 import numpy as np
+import torch
 from PIL import Image
 
 from vlp.data.transforms import to_pil_rgb
@@ -36,10 +38,21 @@ class Hit:
     shard: str
 
 
+@dataclass
+class Query:
+    """One query of a batch (`Searcher.search_batch`): `text`, or `pixels` (an image already
+    through the model's transform, (3, H, W): `Searcher.prepare_image`)."""
+
+    k: int = 10
+    mode: str = "image"
+    text: str | None = None
+    pixels: torch.Tensor | None = None
+
+
 class Searcher:
-    """An index folder opened for queries. Thread-safe: the service calls it from several
-    threads (the model and faiss calls are serialised; metadata reads open their own
-    connection per thread)."""
+    """An index folder opened for queries. Thread-safe (the model and faiss calls are
+    serialised; metadata reads open their own connection per thread). `search_batch` answers
+    many queries with one encoder call: what the service does with concurrent requests."""
 
     def __init__(self, index_dir: str | Path, model=None, device: str = "cpu"):
         """`model`: a model directory or a loaded `vlp.load(...)`; default: the recorded one.
@@ -53,6 +66,7 @@ class Searcher:
         self._device = device
         self._indexes: dict[str, faiss.Index] = {}
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self._local = threading.local()
         self.modes = tuple(m for m in MODES if (self.index_dir / INDEX_FILES[m]).is_file())
         if "image" not in self.modes:
@@ -63,9 +77,11 @@ class Searcher:
     @property
     def model(self):
         if self._model is None:
-            import vlp
+            with self._load_lock:  # two first queries at once load it once
+                if self._model is None:
+                    import vlp
 
-            self._model = vlp.load(self._model_dir, device=self._device)
+                    self._model = vlp.load(self._model_dir, device=self._device)
         return self._model
 
     def index(self, mode: str) -> faiss.Index:
@@ -74,11 +90,12 @@ class Searcher:
         if mode not in self.modes:
             raise ValueError(f"mode={mode!r} needs {INDEX_FILES[mode]}, which this index has "
                              "not got: build it with `vlp index build --text`")
-        if mode not in self._indexes:
-            index = faiss.read_index(str(self.index_dir / INDEX_FILES[mode]))
-            index = to_gpu(index)
-            apply_parameters(index, self.info.get(mode, {}).get("search_params", ""))
-            self._indexes[mode] = index
+        with self._load_lock:
+            if mode not in self._indexes:
+                index = faiss.read_index(str(self.index_dir / INDEX_FILES[mode]))
+                index = to_gpu(index)
+                apply_parameters(index, self.info.get(mode, {}).get("search_params", ""))
+                self._indexes[mode] = index
         return self._indexes[mode]
 
     def _db(self):
@@ -100,17 +117,71 @@ class Searcher:
         with self._lock:
             return self.model.encode_image([to_pil_rgb(image)]).numpy().astype(np.float32)
 
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), D) normalised, in one encoder call."""
+        with self._lock:
+            return self.model.encode_text(list(texts)).numpy().astype(np.float32)
+
+    def prepare_image(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        """An image through the model's eval transform: (3, H, W), what `embed_pixels` takes."""
+        return self.model.transform(to_pil_rgb(image))
+
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """(B, 3, H, W) prepared images -> (B, D) normalised, in one encoder call."""
+        with self._lock:
+            return self.model.encode_image(pixels).numpy().astype(np.float32)
+
     def search_vector(self, vector: np.ndarray, k: int = 10, mode: str = "image") -> list[Hit]:
         """Nearest samples of a (1, D) normalised query vector in the `mode` index."""
-        if k < 1:
-            raise ValueError(f"k={k}: must be >= 1")
+        return self.search_vectors(vector, [k], mode)[0]
+
+    def search_vectors(self, vectors: np.ndarray, ks: Sequence[int],
+                       mode: str = "image") -> list[list[Hit]]:
+        """Nearest samples of each row of (B, D) normalised `vectors` in the `mode` index, the
+        top ks[b] for row b: one faiss search and one metadata query for the batch."""
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if len(ks) != len(vectors):
+            raise ValueError(f"{len(vectors)} vectors but {len(ks)} values of k")
+        if any(k < 1 for k in ks):
+            raise ValueError(f"k={min(ks)}: must be >= 1")
+        if not len(vectors):
+            return []
         index = self.index(mode)
         with self._lock:
-            scores, ids = index.search(np.ascontiguousarray(vector, dtype=np.float32), k)
-        rows = self.rows([int(i) for i in ids[0] if i >= 0])
-        return [Hit(rank, i, rows[i]["key"], float(s), rows[i]["caption"], rows[i]["shard"])
-                for rank, (s, i) in enumerate(((s, int(i)) for s, i in zip(scores[0], ids[0])
-                                                if i >= 0), start=1)]
+            scores, ids = index.search(vectors, max(ks))
+        rows = self.rows(sorted({int(i) for i in ids.ravel() if i >= 0}))
+        out = []
+        for k, row_scores, row_ids in zip(ks, scores, ids):
+            found = [(float(s), int(i)) for s, i in zip(row_scores[:k], row_ids[:k]) if i >= 0]
+            out.append([Hit(rank, i, rows[i]["key"], s, rows[i]["caption"], rows[i]["shard"])
+                        for rank, (s, i) in enumerate(found, start=1)])
+        return out
+
+    def search_batch(self, queries: Sequence[Query]) -> list[list[Hit]]:
+        """Many queries at once: the texts through one encoder call, the images through
+        another, then one index search per mode. Each query's hits are those it would get
+        alone (the same vectors up to float rounding; the service batches concurrent requests
+        through this)."""
+        vectors: list[np.ndarray | None] = [None] * len(queries)
+        texts = [i for i, q in enumerate(queries) if q.text is not None]
+        images = [i for i, q in enumerate(queries) if q.text is None]
+        if any(queries[i].pixels is None for i in images):
+            raise ValueError("a Query needs `text` or `pixels`")
+        if texts:
+            for i, v in zip(texts, self.embed_texts([queries[i].text for i in texts])):
+                vectors[i] = v
+        if images:
+            pixels = torch.stack([queries[i].pixels for i in images])
+            for i, v in zip(images, self.embed_pixels(pixels)):
+                vectors[i] = v
+        out: list[list[Hit]] = [[] for _ in queries]
+        for mode in {q.mode for q in queries}:
+            rows = [i for i, q in enumerate(queries) if q.mode == mode]
+            found = self.search_vectors(np.stack([vectors[i] for i in rows]),
+                                        [queries[i].k for i in rows], mode)
+            for i, hits in zip(rows, found):
+                out[i] = hits
+        return out
 
     def search_text(self, text: str, k: int = 10, mode: str = "image") -> list[Hit]:
         """text -> images (mode "image") or -> captions (mode "text")."""

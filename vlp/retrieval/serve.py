@@ -1,77 +1,207 @@
-"""The search service: a small HTTP JSON API and a web page over a `Searcher`.
+"""The search service: an HTTP JSON API and a web page over a `Searcher` (`vlp serve`).
 
     GET  /                     the search page (static/index.html)
-    GET  /api/info             {"count", "dim", "modes", "max_k", ...}
+    GET  /api/info             {"count", "dim", "modes", "max_k", "batching", ...}
     POST /api/search           {"text": "...", "k": 10, "mode": "image"|"text"} -> {"results"}
     POST /api/search/image     the image as the raw body or multipart/form-data (field
                                "image"); ?k=10&mode=image -> {"results"}
     GET  /thumb/KEY            the image of sample KEY (URL-quoted), from its shard
 
-Results: [{"rank", "key", "score", "caption", "thumbnail": "/thumb/KEY"}]. Standard library
-only (http.server's ThreadingHTTPServer): a demo and team tool, not a public web service, so
-it binds to loopback unless told otherwise. Every bad request (malformed JSON, oversized body,
-non-image upload, k out of range, unknown field, key or path, wrong method) gets a 4xx with
-{"error": message}; an unexpected failure a 500 with a message and no traceback.
+Results: [{"rank", "key", "score", "caption", "thumbnail": "/thumb/KEY"}].
+
+An ASGI app (Starlette) served by uvicorn, what such services are deployed with: one event
+loop holds every connection, so a burst of clients waits in memory instead of in a 5-slot
+listen backlog. `create_app(searcher)` gives the app alone for another ASGI server.
+
+Under load: the encoder and faiss run in one worker thread behind a micro-batching queue
+(`MicroBatcher`): whatever requests arrived while the previous batch ran go through the model
+and the index together (`Searcher.search_batch`), so 200 concurrent queries cost a few batched
+forward passes, not 200 single ones.
+
+Bad input: every request gets a 4xx `{"error": message}` naming the value and what is valid
+(an unexpected failure a 500 with a message, no traceback), and none can make the process
+allocate more than a bounded amount:
+  - bodies: JSON at most MAX_JSON_BYTES, images MAX_IMAGE_BYTES; a body that stalls for
+    `body_timeout` seconds (sent shorter than its Content-Length) gets 408;
+  - JSON: nesting depth checked before parsing (a deep `[[[...]]]` would hit Python's
+    recursion limit); integers of more than MAX_INT_DIGITS digits are never converted
+    (int() of 5,000 digits raises, and big ones cost quadratic time); text must be valid
+    Unicode (a lone surrogate "\\ud800" cannot reach the tokenizer);
+  - images: the header's size is checked before decoding: at most MAX_IMAGE_PIXELS and an
+    aspect ratio of at most MAX_ASPECT. The eval transform resizes the *shorter* side to
+    the model's size before its centre crop, so a 60000x1 image would become a
+    (60000*S)xS one (a 257-byte PNG -> gigabytes); at most MAX_ASPECT:1 bounds that at
+    S*S*MAX_ASPECT pixels. Decoding waits for a share of a process-wide pixel budget
+    (DECODE_PIXEL_BUDGET) and at most MAX_UPLOADS image bodies are read at once.
+
+A demo and team tool, bound to loopback unless told otherwise; put it behind a proxy with
+TLS and authentication before exposing it. Malformed HTTP itself (a garbled request line,
+headers over 16 KB) gets uvicorn's own plain-text 400.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.parser
 import email.policy
+import errno
+import functools
 import io
 import json
 import logging
+import queue
+import re
+import socket
+import threading
 import warnings
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from typing import Callable, Sequence
+from urllib.parse import parse_qs, quote
 
+import uvicorn
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-from vlp.retrieval.search import MODES, Searcher
+from vlp.retrieval.search import MODES, Query, Searcher
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
 MAX_QUERY_CHARS = 1000
 MAX_JSON_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 16  # the API's objects are flat; anything deeper is not a query
+MAX_INT_DIGITS = 18  # fits an int64; longer integers are rejected unconverted
 MAX_IMAGE_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000  # decompression bombs: a tiny PNG can claim 10^5 x 10^5 pixels
-DRAIN_BYTES = 64 * 1024 * 1024  # an oversized body is read and dropped up to this, so the
-#                                 client gets its 413 instead of a reset connection
+MAX_ASPECT = 20  # wider or taller images are refused (panoramas reach ~10:1)
+DECODE_PIXEL_BUDGET = MAX_IMAGE_PIXELS  # pixels being decoded at once, all requests together
+MAX_UPLOADS = 4  # image bodies read (and decoded) at once; others wait, unread
+BODY_TIMEOUT_S = 10.0  # a body that sends nothing for this long gets 408
+MAX_BATCH = 32  # queries per encoder call (per-query cost stopped falling at 32: bench/README.md)
+MAX_QUEUE = 4096  # queries waiting for the encoder; beyond, 503 (retry)
+BACKLOG = 2048  # listen backlog (http.server's default was 5)
 STATIC = Path(__file__).parent / "static"
 JSON_FIELDS = ("text", "k", "mode")
+API = "GET /, /api/info, /thumb/KEY; POST /api/search, /api/search/image"
 
 
 class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str):
+    def __init__(self, status: HTTPStatus, message: str, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
-def _check_k(k) -> int:
-    if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+# --------------------------------------------------------------------------- checking input
+def _show(value, limit: int = 40) -> str:
+    """repr of a request value, cut short: error messages must not echo 60 KB back."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 8]}... ({len(text)} characters)"
+
+
+class HugeInt:
+    """An integer literal of more than MAX_INT_DIGITS digits, kept unconverted."""
+
+    def __init__(self, literal: str):
+        self.digits = len(literal.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<an integer of {self.digits} digits>"
+
+
+def _parse_int(literal: str) -> int | HugeInt:
+    return HugeInt(literal) if len(literal.lstrip("-")) > MAX_INT_DIGITS else int(literal)
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of JSON text (brackets outside strings), counted up to limit + 1."""
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+    return deepest
+
+
+def parse_json_object(body: bytes) -> dict:
+    """A search request's JSON object, checked before and while it is parsed."""
+    example = '{"text": "a red circle", "k": 10}'
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not UTF-8 ({e}); expected JSON "
+                       f"like {example}") from None
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"the JSON nests more than {MAX_JSON_DEPTH} "
+                       f"levels deep; expected a flat object like {example}")
+    try:
+        request = json.loads(text, parse_int=_parse_int)
+    except ValueError as e:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({_show(str(e), 80)});"
+                       f" expected {example}") from None
+    if not isinstance(request, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"expected a JSON object like {example}, got "
+                       f"{type(request).__name__}")
+    unknown = sorted(set(request) - set(JSON_FIELDS))
+    if unknown:
+        shown = ", ".join(_show(u) for u in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s) {shown}; valid: "
+                       f"{list(JSON_FIELDS)}")
+    return request
+
+
+def check_k(k) -> int:
+    """k from JSON (an int) or a query string (digits)."""
+    if isinstance(k, str) and re.fullmatch(r"\s*[0-9]{1,4}\s*", k):
         k = int(k)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"k={k!r}: expected an integer from 1 to {MAX_K}")
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"k={_show(k)}: expected an integer from 1 to "
+                       f"{MAX_K}")
     return k
 
 
-def _check_mode(mode, searcher: Searcher) -> str:
+def check_mode(mode, searcher: Searcher) -> str:
     if mode not in MODES:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"mode={mode!r}: expected one of {list(MODES)}")
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"mode={_show(mode)}: expected one of "
+                       f"{list(MODES)}")
     if mode not in searcher.modes:
         raise ApiError(HTTPStatus.BAD_REQUEST, f"mode={mode!r}: this index has no caption "
                        "index (build it with `vlp index build --text`)")
     return mode
 
 
-def _decode_image(data: bytes) -> Image.Image:
+def check_text(text) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"'text' must be a non-empty string, got "
+                       f"{_show(text)}")
+    if len(text) > MAX_QUERY_CHARS:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"'text' has {len(text)} characters: at most "
+                       f"{MAX_QUERY_CHARS}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"'text' has a lone surrogate "
+                       f"U+{ord(text[e.start]):04X} at character {e.start}: not valid Unicode "
+                       "(a \\uD800-\\uDBFF escape must be followed by a \\uDC00-\\uDFFF "
+                       "one)") from None
+    return text
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The upload opened lazily (the header only), its size and shape checked before any
+    pixel is decoded."""
     if not data:
         raise ApiError(HTTPStatus.BAD_REQUEST, "empty upload: send the image bytes as the body "
                        "or as the multipart field 'image'")
-    not_an_image = ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the upload is not a decodable "
-                            "image (JPEG, PNG, WebP...)")
     try:
         with warnings.catch_warnings():  # our own pixel limit below replaces PIL's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -80,19 +210,23 @@ def _decode_image(data: bytes) -> Image.Image:
         raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image too large: at most "
                        f"{MAX_IMAGE_PIXELS} pixels are accepted") from None
     except Exception:  # noqa: BLE001 - PIL raises many types for non-images
-        raise not_an_image from None
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                       f"image of {image.width}x{image.height} pixels: at most "
+        raise not_an_image() from None
+    w, h = image.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"image of {w}x{h} pixels: at most "
                        f"{MAX_IMAGE_PIXELS} pixels are accepted")
-    try:
-        image.load()  # a truncated or corrupt body fails here
-    except Exception:  # noqa: BLE001
-        raise not_an_image from None
+    if w < 1 or h < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"image of {w}x{h} pixels: the aspect ratio "
+                       f"must be at most {MAX_ASPECT}:1 (crop it first)")
     return image
 
 
-def _multipart_image(body: bytes, content_type: str) -> bytes:
+def not_an_image() -> ApiError:
+    return ApiError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the upload is not a decodable image "
+                    "(JPEG, PNG, WebP...)")
+
+
+def multipart_image(body: bytes, content_type: str) -> bytes:
     """The 'image' part (else the first file part) of a multipart/form-data body."""
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
@@ -106,208 +240,343 @@ def _multipart_image(body: bytes, content_type: str) -> bytes:
     return chosen.get_payload(decode=True) or b""
 
 
-class Handler(BaseHTTPRequestHandler):
-    """One request. `server.searcher` is the Searcher; errors become JSON (`_fail`)."""
+# --------------------------------------------------------------------------- load control
+class PixelBudget:
+    """At most `total` pixels being decoded at once, across requests (an image larger than
+    the budget waits until it has it all)."""
 
-    server_version = "vlp-search"
-    timeout = 30  # a client that stops sending mid-request frees its thread
-    _consumed = False  # whether this request's body has been read (or dropped)
+    def __init__(self, total: int):
+        self.total = self.free = total
+        self._changed = asyncio.Condition()
 
-    # ---------------------------------------------------------------- plumbing
-    def log_message(self, format, *args):  # noqa: A002 - http.server's signature
-        log.info("%s - %s", self.address_string(), format % args)
-
-    def _send(self, status: int, body: bytes, content_type: str, extra: dict | None = None):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (extra or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, obj, extra: dict | None = None) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json; charset=utf-8", extra)
-
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (malformed request line, headers too long...) as JSON."""
-        self.close_connection = True
+    @contextlib.asynccontextmanager
+    async def take(self, pixels: int):
+        pixels = min(pixels, self.total)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
         try:
-            self._json(code, {"error": message or HTTPStatus(code).phrase})
-        except (OSError, ValueError):
-            pass
+            yield
+        finally:
+            async with self._changed:
+                self.free += pixels
+                self._changed.notify_all()
 
-    def __getattr__(self, name: str):
-        # any other method (PUT, DELETE, FOO...): 405, not http.server's 501
-        if name.startswith("do_"):
-            return self._method_not_allowed
-        raise AttributeError(name)
 
-    def _method_not_allowed(self) -> None:
-        self._drain()
-        self._json(HTTPStatus.METHOD_NOT_ALLOWED,
-                   {"error": f"method {self.command} is not allowed here; GET /, /api/info, "
-                             "/thumb/KEY; POST /api/search, /api/search/image"},
-                   {"Allow": "GET, POST"})
+class MicroBatcher:
+    """A queue in front of `run(items) -> results`, drained by one worker thread: each call
+    takes everything that queued up while the previous one ran (up to `max_batch`), so
+    concurrent requests share one encoder pass and a lone request waits for nobody. If a
+    batch fails, its items run one by one so a bad one fails alone."""
 
-    def _length(self) -> int:
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            if self.headers.get("Transfer-Encoding"):
-                raise ApiError(HTTPStatus.LENGTH_REQUIRED, "chunked bodies are not accepted: "
-                               "send Content-Length")
-            return 0
+    def __init__(self, run: Callable[[list], list], max_batch: int = MAX_BATCH,
+                 max_queue: int = MAX_QUEUE):
+        self._run, self.max_batch, self.max_queue = run, max_batch, max_queue
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        self.stats = {"batches": 0, "queries": 0, "largest_batch": 0}
+
+    async def submit(self, item):
+        """`item`'s result, computed in a batch; raises what computing it raised."""
+        if self._queue.qsize() >= self.max_queue:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {self.max_queue} queries "
+                           "are waiting; retry in a moment", {"Retry-After": "1"})
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="vlp-encoder",
+                                                daemon=True)
+                self._thread.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((item, future, loop))
+        return await future
+
+    def close(self) -> None:
+        with self._start:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join(timeout=30)
+                self._thread = None
+
+    def _work(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not None and len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = batch[-1] is None
+            batch = [b for b in batch if b is not None]
+            if batch:
+                self._answer(batch)
+            if stop:
+                return
+
+    def _answer(self, batch: list) -> None:
+        items = [item for item, _, _ in batch]
         try:
-            n = int(raw)
-        except ValueError:
-            n = -1
-        if n < 0:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw!r}")
-        return n
+            results, errors = self._run(items), [None] * len(items)
+        except Exception:  # noqa: BLE001 - retried one by one below
+            results, errors = [None] * len(items), [None] * len(items)
+            for i, item in enumerate(items):
+                try:
+                    results[i] = self._run([item])[0]
+                except Exception as e:  # noqa: BLE001 - handed to that request
+                    errors[i] = e
+        self.stats["batches"] += 1
+        self.stats["queries"] += len(items)
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
+        for (_, future, loop), result, error in zip(batch, results, errors):
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+                loop.call_soon_threadsafe(_settle, future, result, error)
 
-    def _drain(self) -> None:
-        """Read and drop an unread body (up to DRAIN_BYTES), so the client sees our answer."""
-        if self._consumed:
-            return
-        self._consumed = True
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+# --------------------------------------------------------------------------- the app
+def json_response(status: int, obj, headers: dict | None = None) -> Response:
+    # ensure_ascii: a lone surrogate echoed in a message stays encodable
+    return Response(json.dumps(obj).encode(), status_code=int(status),
+                    media_type="application/json; charset=utf-8",
+                    headers={"X-Content-Type-Options": "nosniff", **(headers or {})})
+
+
+def _endpoint(handler):
+    """ApiError -> its 4xx JSON; anything else -> a logged 500 JSON without a traceback."""
+    @functools.wraps(handler)
+    async def run(self, request: Request) -> Response:
         try:
-            n = self._length()
-        except ApiError:
-            n = 0
-        if n > DRAIN_BYTES:
-            self.close_connection = True
-            return
-        while n > 0:
-            chunk = self.rfile.read(min(n, 1 << 20))
-            if not chunk:
-                break
-            n -= len(chunk)
-
-    def _body(self, limit: int) -> bytes:
-        n = self._length()
-        if n > limit:
-            self._drain()
-            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"body of {n} bytes: at most {limit} are accepted here")
-        self._consumed = True
-        data = self.rfile.read(n)
-        if len(data) != n:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"body ended after {len(data)} of {n} bytes")
-        return data
-
-    def _route(self, method: str) -> None:
-        path = urlsplit(self.path).path
-        routes = {("GET", "/"): self._page, ("GET", "/index.html"): self._page,
-                  ("GET", "/api/info"): self._info, ("POST", "/api/search"): self._search_text,
-                  ("POST", "/api/search/image"): self._search_image}
-        try:
-            if (method, path) in routes:
-                routes[(method, path)]()
-            elif method == "GET" and path.startswith("/thumb/"):
-                self._thumb(unquote(path[len("/thumb/"):]))
-            elif any(p == path for _, p in routes) or path.startswith("/thumb/"):
-                self._method_not_allowed()
-            else:
-                raise ApiError(HTTPStatus.NOT_FOUND, f"no such path {path!r}; the API: GET /, "
-                               "/api/info, /thumb/KEY; POST /api/search, /api/search/image")
+            return await handler(self, request)
         except ApiError as e:
-            self._drain()
-            self._json(e.status, {"error": e.message})
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+            return json_response(e.status, {"error": e.message}, e.headers)
+        except ClientDisconnect:  # gone: nothing we send reaches it
+            return Response(status_code=400)
         except Exception as e:  # noqa: BLE001 - the service must keep answering
-            log.exception("error serving %s %s", method, path)
-            self._json(HTTPStatus.INTERNAL_SERVER_ERROR,
-                       {"error": f"internal error ({type(e).__name__}); see the server log"})
+            log.exception("error serving %s %s", request.method, request.url.path)
+            return json_response(HTTPStatus.INTERNAL_SERVER_ERROR, {
+                "error": f"internal error ({type(e).__name__}); see the server log"})
+    return run
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._route("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._route("POST")
+class SearchService:
+    """The ASGI app (`.app`) over a Searcher, with its batcher and load limits."""
 
-    # ---------------------------------------------------------------- endpoints
-    def _page(self) -> None:
-        self._send(HTTPStatus.OK, (STATIC / "index.html").read_bytes(), "text/html; charset=utf-8")
+    def __init__(self, searcher: Searcher, *, body_timeout: float = BODY_TIMEOUT_S,
+                 max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE):
+        self.searcher = searcher
+        self.body_timeout = body_timeout
+        self.batcher = MicroBatcher(searcher.search_batch, max_batch, max_queue)
+        self.pixels = PixelBudget(DECODE_PIXEL_BUDGET)
+        self.uploads = asyncio.Semaphore(MAX_UPLOADS)
+        self.page = (STATIC / "index.html").read_bytes()
+        self.app = Starlette(routes=[
+            Route("/", self.index_page, methods=["GET"]),
+            Route("/index.html", self.index_page, methods=["GET"]),
+            Route("/api/info", self.info, methods=["GET"]),
+            Route("/api/search", self.search_text, methods=["POST"]),
+            Route("/api/search/image", self.search_image, methods=["POST"]),
+            Route("/thumb/{key:path}", self.thumb, methods=["GET"]),
+        ], exception_handlers={HTTPException: self.http_error}, lifespan=self._lifespan)
 
-    def _info(self) -> None:
-        s = self.server.searcher
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        yield
+        await asyncio.to_thread(self.batcher.close)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    async def http_error(self, request: Request, exc: HTTPException) -> Response:
+        """Starlette's routing errors (no such path, wrong method) as JSON."""
+        path = request.url.path
+        if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+            message = f"method {_show(request.method)} is not allowed on {_show(path)}; {API}"
+        elif exc.status_code == HTTPStatus.NOT_FOUND:
+            message = f"no such path {_show(path, 80)}; the API: {API}"
+        else:
+            message = str(exc.detail)
+        return json_response(exc.status_code, {"error": message}, exc.headers)
+
+    async def read_body(self, request: Request, limit: int) -> bytes:
+        """The body, at most `limit` bytes (413 beyond), each part arriving within
+        body_timeout seconds (408: e.g. a body shorter than its Content-Length)."""
+        declared = request.headers.get("content-length")
+        if declared is not None and (len(declared) > MAX_INT_DIGITS or int(declared) > limit):
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {_show(declared)} "
+                           f"bytes: at most {limit} are accepted here")
+        chunks, size = [], 0
+        stream = request.stream()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), self.body_timeout)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                of = f" of the {declared} its Content-Length announced" if declared else ""
+                raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the body stopped after {size} "
+                               f"bytes{of} (nothing arrived for {self.body_timeout:g} s)",
+                               {"Connection": "close"}) from None
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of more than "
+                               f"{limit} bytes: at most {limit} are accepted here")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # ------------------------------------------------------------------ endpoints
+    async def index_page(self, request: Request) -> Response:
+        return Response(self.page, media_type="text/html; charset=utf-8")
+
+    @_endpoint
+    async def info(self, request: Request) -> Response:
+        s = self.searcher
         image = s.info.get("image", {})
-        self._json(HTTPStatus.OK, {"count": s.count, "dim": image.get("dim"),
-                                   "modes": list(s.modes), "max_k": MAX_K,
-                                   "factory": image.get("factory"),
-                                   "recall@10": image.get("recall@10")})
+        return json_response(HTTPStatus.OK, {
+            "count": s.count, "dim": image.get("dim"), "modes": list(s.modes), "max_k": MAX_K,
+            "factory": image.get("factory"), "recall@10": image.get("recall@10"),
+            "batching": dict(self.batcher.stats)})
 
-    def _results(self, hits) -> None:
-        self._json(HTTPStatus.OK, {"results": [
+    @staticmethod
+    def _results(hits) -> Response:
+        return json_response(HTTPStatus.OK, {"results": [
             {"rank": h.rank, "key": h.key, "score": round(h.score, 6), "caption": h.caption,
              "thumbnail": "/thumb/" + quote(h.key, safe="")} for h in hits]})
 
-    def _search_text(self) -> None:
-        body = self._body(MAX_JSON_BYTES)
-        try:
-            request = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body is not valid JSON ({e}); expected "
-                           '{"text": "a red circle", "k": 10}') from None
-        if not isinstance(request, dict):
-            raise ApiError(HTTPStatus.BAD_REQUEST, 'expected a JSON object like {"text": '
-                           '"a red circle", "k": 10}')
-        unknown = sorted(set(request) - set(JSON_FIELDS))
-        if unknown:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown field(s) {unknown}; valid: "
-                           f"{list(JSON_FIELDS)}")
-        text = request.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise ApiError(HTTPStatus.BAD_REQUEST, "'text' must be a non-empty string")
-        if len(text) > MAX_QUERY_CHARS:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"'text' has {len(text)} characters: at most "
-                           f"{MAX_QUERY_CHARS}")
-        k = _check_k(request.get("k", 10))
-        mode = _check_mode(request.get("mode", "image"), self.server.searcher)
-        self._results(self.server.searcher.search_text(text, k, mode))
+    @_endpoint
+    async def search_text(self, request: Request) -> Response:
+        request_json = parse_json_object(await self.read_body(request, MAX_JSON_BYTES))
+        text = check_text(request_json.get("text"))
+        k = check_k(request_json.get("k", 10))
+        mode = check_mode(request_json.get("mode", "image"), self.searcher)
+        return self._results(await self.batcher.submit(Query(k, mode, text=text)))
 
-    def _search_image(self) -> None:
-        query = parse_qs(urlsplit(self.path).query)
+    @_endpoint
+    async def search_image(self, request: Request) -> Response:
+        try:
+            query = parse_qs(request.url.query, max_num_fields=16)
+        except ValueError:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "too many query parameters; valid: k, "
+                           "mode") from None
         unknown = sorted(set(query) - {"k", "mode"})
         if unknown:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown parameter(s) {unknown}; valid: "
-                           "k, mode")
-        k = _check_k(query.get("k", ["10"])[-1])
-        mode = _check_mode(query.get("mode", ["image"])[-1], self.server.searcher)
-        body = self._body(MAX_IMAGE_BYTES)
-        content_type = self.headers.get("Content-Type", "")
-        if content_type.startswith("multipart/form-data"):
-            body = _multipart_image(body, content_type)
-        image = _decode_image(body)
-        self._results(self.server.searcher.search_image(image, k, mode))
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown parameter(s) "
+                           f"{', '.join(_show(u) for u in unknown[:5])}; valid: k, mode")
+        k = check_k(query.get("k", ["10"])[-1])
+        mode = check_mode(query.get("mode", ["image"])[-1], self.searcher)
+        content_type = request.headers.get("content-type", "")
+        async with self.uploads:
+            body = await self.read_body(request, MAX_IMAGE_BYTES)
+            image = await asyncio.to_thread(self._open, body, content_type)
+            async with self.pixels.take(image.width * image.height):
+                pixels = await asyncio.to_thread(self._prepare, image)
+            del body, image
+        return self._results(await self.batcher.submit(Query(k, mode, pixels=pixels)))
 
-    def _thumb(self, key: str) -> None:
+    @staticmethod
+    def _open(body: bytes, content_type: str) -> Image.Image:
+        if content_type.startswith("multipart/form-data"):
+            body = multipart_image(body, content_type)
+        return open_image(body)
+
+    def _prepare(self, image: Image.Image):
         try:
-            data, mime = self.server.searcher.image_bytes(key)
+            image.load()  # a truncated or corrupt body fails here
+        except Exception:  # noqa: BLE001 - PIL raises many types
+            raise not_an_image() from None
+        return self.searcher.prepare_image(image)
+
+    @_endpoint
+    async def thumb(self, request: Request) -> Response:
+        key = request.path_params["key"]
+        try:
+            data, mime = await asyncio.to_thread(self.searcher.image_bytes, key)
         except KeyError:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no sample with key {key!r}") from None
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no sample with key {_show(key, 80)}") from None
         except FileNotFoundError as e:
             raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
-        self._send(HTTPStatus.OK, data, mime, {"Cache-Control": "max-age=3600"})
+        return Response(data, media_type=mime, headers={"Cache-Control": "max-age=3600",
+                                                         "X-Content-Type-Options": "nosniff"})
 
 
-class SearchServer(ThreadingHTTPServer):
-    daemon_threads = True  # a hung client never blocks shutdown
+def create_app(searcher: Searcher, **options) -> Starlette:
+    """The service as an ASGI app, for any ASGI server (options: SearchService's)."""
+    return SearchService(searcher, **options).app
 
-    def __init__(self, address: tuple[str, int], searcher: Searcher):
-        super().__init__(address, Handler)
-        self.searcher = searcher
+
+# --------------------------------------------------------------------------- the server
+class BindError(OSError):
+    """The address cannot be bound (port in use, no such host, privileged port)."""
+
+
+def bind(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
+    """A listening TCP socket, or a BindError with one line saying what to change."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family, backlog=backlog)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise BindError(f"port {port} on {host} is already in use (another `vlp serve`?): "
+                            f"stop that process or choose another port, e.g. --port "
+                            f"{port + 1 if port < 65535 else 8000}") from None
+        if e.errno == errno.EACCES:
+            raise BindError(f"no permission to listen on port {port}: ports below 1024 need "
+                            "root; choose another with --port, e.g. --port 8000") from None
+        raise BindError(f"cannot listen on {host}:{port} ({e.strerror or e}): check --host "
+                        "(e.g. 127.0.0.1, or 0.0.0.0 for every interface) and --port") from None
+
+
+class SearchServer:
+    """uvicorn serving a SearchService on an already bound socket (so a port in use fails
+    before anything else starts). `serve_forever()` blocks; `shutdown()` from another thread
+    stops it; `server_close()` releases the socket and the encoder thread."""
+
+    def __init__(self, searcher: Searcher, host: str = "127.0.0.1", port: int = 8000,
+                 **options):
+        self.socket = bind(host, port)
+        self.service = SearchService(searcher, **options)
+        self.server_address = self.socket.getsockname()[:2]
+        config = uvicorn.Config(self.service.app, log_config=None, log_level="warning",
+                                access_log=False, backlog=BACKLOG, timeout_keep_alive=5,
+                                timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._stopped = threading.Event()
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
+        host, port = self.server_address
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+    def serve_forever(self) -> None:
+        try:
+            self._server.run(sockets=[self.socket])
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout: float = 30) -> None:
+        self._server.should_exit = True
+        self._stopped.wait(timeout)
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self.service.close()
 
 
-def make_server(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000) -> SearchServer:
+def make_server(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000,
+                **options) -> SearchServer:
     """A server bound to (host, port) (port 0: any free one; see `.url`); run it with
-    `serve_forever()`."""
-    return SearchServer((host, port), searcher)
+    `serve_forever()`. BindError (an OSError) when the address cannot be bound."""
+    return SearchServer(searcher, host, port, **options)
+
+
+__all__: Sequence[str] = ("ApiError", "BindError", "MicroBatcher", "SearchServer",
+                          "SearchService", "create_app", "make_server", "MAX_K")
