@@ -208,7 +208,7 @@ def launch_env(env: Mapping[str, str]) -> dict[str, str]:
     naming the launcher variables found) when the rendezvous address cannot be known."""
     found = _discover(env)
     w = found.world if found else World()
-    addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
+    addr, port = (env.get(k, "").strip() for k in ("MASTER_ADDR", "MASTER_PORT"))
     if not addr:
         if w.local_size == w.size:  # every process on this machine
             addr = "127.0.0.1"
