@@ -162,6 +162,8 @@ ranks = [None, None]
 td.all_gather_object(ranks, world.rank)
 print(json.dumps({"world": [world.rank, world.size, world.local_rank, world.local_size],
                   "gathered": ranks, "backend_size": td.get_world_size()}))
+td.barrier()
+td.destroy_process_group()  # exiting with gloo's threads alive can abort the process
 """
 
 
