@@ -4,11 +4,12 @@ A `.pt` file is a pickle, and unpickling can call any function the file names (a
 whose `mp_rank_00_model_states.pt` reduces to `os.system` runs a shell command on `--resume`).
 DeepSpeed reads its own files with `torch.load(weights_only=False)`. Here every `.pt` of a
 checkpoint is read with `weights_only=True` and an allow-list of exactly the DeepSpeed classes its
-ZeRO 0-3 checkpoints hold (fp32, bf16 autocast, native bf16, fp16); a file that needs anything
-else is refused with one line naming it and what it asked for. `Engine.load` checks the whole
-folder first (so every rank refuses before any state changes) and then lets DeepSpeed load
-inside `weights_only_loads()`, which makes DeepSpeed's own `torch.load` calls weights-only too:
-what is checked is what is loaded, with no window to swap a file in between.
+ZeRO 0-3 checkpoints hold (found by saving fp32, bf16-autocast and native-bf16 ones; fp16's
+loss scaler read from DeepSpeed's source); a file that needs anything else is refused with one
+line naming it and what it asked for. `Engine.load` checks the whole folder first (so every rank
+refuses, alike, before any state changes) and then lets DeepSpeed load inside
+`weights_only_loads()`, which makes DeepSpeed's own `torch.load` calls weights-only too: a file
+swapped in after the check is refused all the same.
 """
 from __future__ import annotations
 
