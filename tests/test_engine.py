@@ -51,7 +51,8 @@ def test_config_files_fill_autos(stage):
     assert cfg["gradient_accumulation_steps"] == 3
     assert cfg["train_batch_size"] == 16 * 3 * 2
     assert cfg["gradient_clipping"] == 0.5
-    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16",
+                                     "lower_precision_safe_modules": []}
     assert cfg["fp16"]["enabled"] is False
     assert "\"auto\"" not in json.dumps(cfg)
 

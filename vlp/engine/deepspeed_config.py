@@ -4,6 +4,17 @@ vlp's own config decides filled in from `train.*`.
 
 Keys vlp owns may be "auto" or absent in the JSON (like Hugging Face's Trainer); any other value
 must agree with vlp's, so one run never has two different batch sizes or clipping thresholds.
+
+Two defaults differ from DeepSpeed's own (issue 18):
+- Gradients are reduced across processes in fp32 under bf16 autocast. DeepSpeed 0.19 gives the
+  parameters of its `lower_precision_safe_modules` (by default Linear and Conv1d/2d/3d, i.e.
+  nearly all weights) a bf16 `comm_dtype`, and ZeRO 1-3 then reduce their gradients in bf16
+  buckets (runtime/torch_autocast.py, zero/stage_1_and_2.py): every sum over ranks rounded to
+  8 bits of mantissa. An empty list keeps every gradient's own dtype, fp32; a JSON that lists
+  modules gets what it lists.
+- Buckets of 5e7 elements (200 MB in fp32) instead of 5e8 (2 GB each; with overlap_comm
+  DeepSpeed holds several). `overlap_comm` ("auto") overlaps reduction with the backward pass
+  on CUDA only: DeepSpeed's CPU accelerator has no streams to overlap on.
 """
 from __future__ import annotations
 
@@ -21,12 +32,12 @@ DEFAULT = {
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
     "gradient_clipping": "auto",
-    "torch_autocast": {"enabled": "auto", "dtype": "auto"},
+    "torch_autocast": {"enabled": "auto", "dtype": "auto", "lower_precision_safe_modules": []},
     "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16,
              "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                          "reduce_scatter": True, "reduce_bucket_size": 500000000,
-                          "allgather_bucket_size": 500000000},
+    "zero_optimization": {"stage": 2, "overlap_comm": "auto", "contiguous_gradients": True,
+                          "reduce_scatter": True, "reduce_bucket_size": 50000000,
+                          "allgather_bucket_size": 50000000},
     "steps_per_print": 1000000000,
     "wall_clock_breakdown": False,
 }
@@ -63,8 +74,10 @@ def _fill(cfg: dict, key: str, value, owner: str, source: str) -> None:
                           f"to \"auto\" in the JSON and choose the value with {owner}")
 
 
-def build(train: TrainConfig, world_size: int) -> dict:
-    """The complete DeepSpeed config for `train` on `world_size` processes."""
+def build(train: TrainConfig, world_size: int, cuda: bool | None = None) -> dict:
+    """The complete DeepSpeed config for `train` on `world_size` processes, on CUDA GPUs when
+    `cuda` (default: when torch sees one)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     source = train.deepspeed or "built-in DeepSpeed config"
     cfg = load(train.deepspeed)
     for key in _VLP_BUILT:
@@ -90,13 +103,19 @@ def build(train: TrainConfig, world_size: int) -> dict:
     _fill(autocast, "enabled", train.precision == "bf16" and not native_bf16, "train.precision",
           source)
     _fill(autocast, "dtype", "bfloat16", "train.precision", source)
+    autocast.setdefault("lower_precision_safe_modules", [])  # reduce in fp32 (docstring)
     cfg["fp16"], cfg["torch_autocast"] = fp16, autocast
-    if train.precision == "fp16" and not torch.cuda.is_available():
+    if train.precision == "fp16" and not cuda:
         raise ConfigError("train.precision=fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator "
                           "has no fp16); use train.precision=bf16 or fp32 on CPU")
     stage = zero_stage(cfg)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{source}: zero_optimization.stage={stage!r}; choose 0, 1, 2 or 3")
+    zero = dict(cfg.get("zero_optimization") or {})
+    if zero.get("overlap_comm") == "auto" or (stage >= 1 and "overlap_comm" not in zero):
+        zero["overlap_comm"] = cuda and stage >= 1
+    if zero:
+        cfg["zero_optimization"] = zero
     return cfg
 
 

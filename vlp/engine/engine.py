@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vlp.config import TrainConfig
-from vlp.engine import deepspeed_config
+from vlp.engine import deepspeed_config, safe_load
 from vlp.engine.dist import World
 from vlp.engine.schedule import warmup_cosine
 
@@ -39,15 +39,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
-            "torch": torch.get_rng_state()}
+    """This process's generators: Python, NumPy, torch CPU and, with CUDA, every visible GPU's.
+    Only ints, lists and CPU tensors: the file reads back with `torch.load(weights_only=True)`."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": keys.tolist(),
+             "numpy_pos": [int(pos), int(has_gauss), float(gauss)], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.current_device()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(_as_tuple(state["python"]))
     np_state = np.random.get_state()
-    np.random.set_state((np_state[0], np.asarray(state["numpy"], dtype=np.uint32), *np_state[2:]))
+    # position and cached gaussian too (older files held only the keys: keep ours)
+    rest = state.get("numpy_pos", np_state[2:])
+    np.random.set_state((np_state[0], np.asarray(state["numpy"], dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # other GPUs visible than when saved (e.g. one per process now): ours is enough
+            torch.cuda.set_rng_state(cuda[state["cuda_device"]])
 
 
 def _as_tuple(x):
@@ -121,8 +136,13 @@ class Engine:
         self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        """Restore DeepSpeed's state from checkpoint `folder`, reading no file that could run
+        code: every `.pt` in it is checked weights-only first (a refusal names the file, on
+        every rank alike), then DeepSpeed's own reads are forced weights-only too."""
         folder = Path(folder)
-        path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name)
+        safe_load.check_folder(folder)
+        with safe_load.weights_only_loads():
+            path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name)
         if path is None:
             raise FileNotFoundError(f"{folder} holds no DeepSpeed checkpoint this run can load")
 
