@@ -106,6 +106,7 @@ class DataConfig:
 class TokenizerConfig:
     path: str = ""  # tokenizer.json or HF tokenizer folder; empty: train one on the captions
     vocab_size: int = 1000
+    max_captions: int = 1_000_000  # a trained tokenizer reads at most this many, shard order
 
 
 @dataclass
@@ -420,10 +421,12 @@ def resume_changes(saved: dict, now: dict, source: str) -> list[str]:
                                             for s in RESUME_SAFE)]
     if unsafe:
         k = unsafe[0]
+        section = k.split(".")[0] if "." in k else "run"
         raise ConfigError(f"--resume continues a run whose {k}={before[k]!r} ({source}); this "
                           f"launch asks for {k}={after[k]!r}, which a resumed run cannot "
-                          f"change{f' (also {unsafe[1:]})' if len(unsafe) > 1 else ''}. Drop "
-                          "the override, or start a new run with --out")
+                          f"change{f' (also {unsafe[1:]})' if len(unsafe) > 1 else ''}. Resume "
+                          f"with the {section} settings the checkpoint was written with (drop "
+                          "the override), or start a new run with --out")
     return [f"{k}: {before[k]!r} -> {after[k]!r}" for k in changed]
 
 
@@ -444,6 +447,7 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
                               f"model.{name}.heads={tower.heads}")
     _validate_train(cfg.train)
     positive = {"model.text.context_length": t.context_length,
+                "tokenizer.max_captions": cfg.tokenizer.max_captions,
                 "model.embed_dim": cfg.model.embed_dim, "eval.batch_size": cfg.eval.batch_size}
     for key, value in positive.items():
         if value <= 0:

@@ -58,8 +58,9 @@ class Batch:
             value = getattr(self, name)
             if value is None or (name == "pixel_values" and value.numel() == 0):
                 continue
-            out[name] = value.to(device, dtype) if value.is_floating_point() and dtype \
-                else value.to(device)
+            # non_blocking: a pinned batch (CUDA loaders pin) copies while the GPU computes
+            out[name] = value.to(device, dtype, non_blocking=True) \
+                if value.is_floating_point() and dtype else value.to(device, non_blocking=True)
         return out
 
     def first(self, n: int) -> "Batch":

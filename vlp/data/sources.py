@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from typing import Callable
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vlp.config import ConfigError
@@ -161,10 +162,13 @@ class MapSource(DataSource):
 
     def _open(self, epoch: int, batch_in_epoch: int) -> None:
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        if hasattr(self.dataset, "set_epoch"):  # per-item randomness seeded by the epoch
+            self.dataset.set_epoch(epoch)
         order = epoch_order(self.num_samples, self.seed, epoch, self.rank, self.world_size)
         subset = Subset(self.dataset, order[batch_in_epoch * self.batch_size:].tolist())
         self._loader = DataLoader(subset, batch_size=self.batch_size, shuffle=False,
                                   num_workers=self.num_workers, collate_fn=self.collate,
+                                  pin_memory=torch.cuda.is_available(),
                                   worker_init_fn=_ignore_signals if self.num_workers else None)
         self._it = None  # workers start at the first `next`
 

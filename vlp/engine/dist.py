@@ -52,6 +52,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
+    launched: bool = False  # started by a launcher (deepspeed, torchrun, mpirun, srun)
 
     @property
     def is_main(self) -> bool:
@@ -244,8 +245,9 @@ def cuda_device(local_rank: int, local_size: int, device_count: int) -> int:
 def init() -> World:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPUs), once per
     process, and pin this process to its GPU when there is one."""
+    launched = _discover(os.environ) is not None
     os.environ.update(launch_env(os.environ))
-    world = world_from_env()
+    world = dataclasses.replace(world_from_env(), launched=launched)
     if torch.cuda.is_available():
         torch.cuda.set_device(cuda_device(world.local_rank, world.local_size,
                                           torch.cuda.device_count()))
@@ -257,6 +259,9 @@ def init() -> World:
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines would drown the progress bar
     if not torch_dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
+    global _CPU_GROUP
+    if _CPU_GROUP is None and world.size > 1 and torch_dist.get_backend() != "gloo":
+        _CPU_GROUP = torch_dist.new_group(backend="gloo")  # every rank calls it, in order
     return world
 
 
@@ -291,27 +296,29 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+_CPU_GROUP = None  # a gloo group beside NCCL for the loop's small per-step exchanges
+
+
+def _cpu_group():
+    """The group for small host-side exchanges: the default one on gloo; beside NCCL, a gloo
+    group of the same ranks (made by `init`), so the per-step rows of numbers the ranks swap
+    never go through the GPU (no host-device copies, no NCCL launches on the step path)."""
+    return _CPU_GROUP
+
+
 def all_gather_rows(row: list[float], world: World) -> torch.Tensor:
     """Each rank's `row` of numbers -> (world, len(row)) float64 tensor, same on every rank."""
     mine = torch.tensor(row, dtype=torch.float64)
     if world.size == 1:
         return mine[None]
-    mine = _to_comm_device(mine)
     out = [torch.empty_like(mine) for _ in range(world.size)]
-    torch_dist.all_gather(out, mine)
-    return torch.stack([t.cpu() for t in out])
+    torch_dist.all_gather(out, mine, group=_cpu_group())
+    return torch.stack(out)
 
 
 def all_gather_object(obj, world: World) -> list:
     if world.size == 1:
         return [obj]
     out: list = [None] * world.size
-    torch_dist.all_gather_object(out, obj)
+    torch_dist.all_gather_object(out, obj, group=_cpu_group())
     return out
-
-
-def _to_comm_device(t: torch.Tensor) -> torch.Tensor:
-    # NCCL only moves GPU tensors; gloo takes CPU ones.
-    if torch_dist.get_backend() == "nccl":
-        return t.cuda()
-    return t

@@ -16,11 +16,16 @@ and the trainer state, published by an atomic rename (vlp/engine/checkpoint.py).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import random
 import shutil
 import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +36,7 @@ from tqdm import tqdm
 from vlp.config import ConfigError, read_yaml, resume_changes, to_dict
 from vlp.data.pipeline import accumulate, format_skips, skipped_samples
 from vlp.data.sources import DataSource
-from vlp.engine import checkpoint, dist
+from vlp.engine import checkpoint, dist, safe_load
 from vlp.engine.engine import Engine, rng_state, set_rng_state
 from vlp.engine.logs import JsonlLog, TensorBoardLog, truncate_log
 from vlp.engine.task import Task
@@ -45,15 +50,26 @@ class NonFiniteLossError(RuntimeError):
 
 class StopRequests:
     """SIGTERM (schedulers, `kill`, launchers) and a first Ctrl-C ask for a checkpoint and a
-    clean stop at the next optimizer step that all ranks agree on; a second Ctrl-C stops now."""
+    clean stop at the next optimizer step that all ranks agree on; a second Ctrl-C stops now.
 
-    def __init__(self):
+    `watch_parent` (a launched rank): the launcher dying asks for the same stop. torchrun puts
+    every rank in a session of its own, so `kill -- -PGID` of the launcher reaches the launcher
+    only, and the orphaned ranks would go on training (and race a `--resume` started
+    meanwhile). If the stop cannot complete within `grace_s` (another rank is gone too, and a
+    collective waits for it), the process exits."""
+
+    def __init__(self, watch_parent: bool = False, grace_s: float = 120.0):
         self.requested = False
         self._previous = {}
+        self._watch, self._grace = watch_parent, grace_s
+        self._done = threading.Event()
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+        if self._watch:
+            threading.Thread(target=self._watch_parent, args=(os.getppid(),), daemon=True,
+                             name="vlp-parent-watch").start()
         return self
 
     def _handle(self, signum, frame):
@@ -61,9 +77,49 @@ class StopRequests:
             raise KeyboardInterrupt
         self.requested = True
 
+    def _watch_parent(self, parent: int) -> None:
+        while not self._done.wait(0.5):
+            if os.getppid() != parent:
+                print(f"vlp: the launcher (pid {parent}) is gone: saving a checkpoint and "
+                      "stopping", file=sys.stderr, flush=True)
+                self.requested = True
+                if not self._done.wait(self._grace):
+                    os._exit(143)  # the stop could not complete: do not train on, orphaned
+                return
+
     def __exit__(self, *exc):
+        self._done.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class RunLock:
+    """OUT/.lock, held by rank 0 while a run uses OUT (an OS file lock: released when the
+    process ends, however it ends). A second run on the same OUT is refused while it is held,
+    so a `--resume` cannot race ranks that are still training."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / ".lock"
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "another process"
+            self._fh.close()
+            raise ConfigError(f"{out_dir} is in use by another run ({holder}; {self.path}): "
+                              "wait for it to end or stop it (kill -TERM -- -PGID of its "
+                              "launcher), or use another --out") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        if not self._fh.closed:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
 
 
 def seed_everything(seed: int) -> None:
@@ -140,6 +196,9 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     model = task.build_model()
     n_params = sum(p.numel() for p in model.parameters())
     engine = Engine(model, t, world)
+    # from here on each rank draws its own masks, pairs and dropout (the weights above are
+    # the same everywhere); a resume restores the saved states over these
+    dist.seed_for_rank(t.seed, world.rank)
     ckpt_root, log_path = out_dir / "checkpoints", out_dir / "train_log.jsonl"
     samples_seen, bad_steps_total = 0, 0
     if resume_from:
@@ -148,8 +207,7 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
             raise ConfigError(f"{resume_from} was written by {state['world_size']} processes; "
                               f"resume it with the same number (this launch has {world.size})")
         engine.load(resume_from)
-        set_rng_state(torch.load(resume_from / f"rng_rank{world.rank:05d}.pt",
-                                 weights_only=True))
+        set_rng_state(safe_load.load(resume_from / f"rng_rank{world.rank:05d}.pt"))
         samples_seen, bad_steps_total = state["samples_seen"], state["bad_steps"]
         source.skipped.update(state["skipped"][world.rank])
         source.restore(state["data"][world.rank])
@@ -214,7 +272,7 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     step_losses: list[float] = []
     step_samples, step_digest = 0, hashlib.sha1()
     step_metrics: list[list[float]] = [[] for _ in task.metric_names]
-    with StopRequests() as stop:
+    with StopRequests(watch_parent=world.launched) as stop:
         while engine.global_step < t.steps:
             batch = source.next()
             sizes = dist.all_gather_rows([batch is not None, len(batch) if batch else 0], world)

@@ -1,8 +1,10 @@
 """What a run needs before its first step: where the data is, and a tokenizer."""
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import socket
 from pathlib import Path
 
 from vlp.config import ConfigError, DataConfig, FinetuneDataConfig, TokenizerConfig
@@ -20,20 +22,30 @@ def cache_root() -> Path:
     return Path(base) / "vlp"
 
 
-def ensure_shapes_world(folder: Path, *, images: int, seed: int, progress: bool = True) -> Path:
-    """Generate the shapes world into `folder` once. It is written to a temporary sibling and
-    renamed when complete, so a run killed mid-generation never leaves a half corpus behind."""
+def ensure_shapes_world(folder: Path, *, images: int, seed: int, progress: bool = True,
+                        **generate_args) -> Path:
+    """Generate the shapes world into `folder` once. It is written to a temporary sibling of
+    this host and process and renamed into place when complete, so a run killed mid-generation
+    never leaves a half corpus behind, and several nodes sharing one cache folder (each node's
+    local rank 0 generates) do not write into one another's files: the first rename wins, the
+    others find the folder there and drop their copy (same seed, same bytes). `generate_args`:
+    vlp.data.synth.generate's other settings (tests make small worlds)."""
     if (folder / "MANIFEST.json").is_file():
         return folder
     from vlp.data.synth import generate
 
-    tmp = folder.with_name(folder.name + ".partial")
+    tmp = folder.with_name(f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     print(f"generating the shapes world ({images} train images, seed {seed}) into {folder}")
-    generate(tmp, images=images, seed=seed, progress=progress)
+    generate(tmp, images=images, seed=seed, progress=progress, **generate_args)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another node's copy got there first (a non-empty folder)
+        if not (folder / "MANIFEST.json").is_file():
+            raise
+        shutil.rmtree(tmp)
     return folder
 
 
@@ -65,7 +77,9 @@ def build_tokenizer(cfg: TokenizerConfig, train_urls: list[str], save_to: Path,
         tok = load_tokenizer(cache)
     else:
         skips = SkipCounter()
-        captions = list(iter_captions(train_urls, skips))
+        # a bounded sample, read in shard order: the other ranks wait for it at a barrier,
+        # and a vocabulary settles long before a web corpus ends
+        captions = list(itertools.islice(iter_captions(train_urls, skips), cfg.max_captions))
         if not captions:
             raise ConfigError(
                 f"no caption could be read from the {len(train_urls)} training shard(s) "

@@ -61,11 +61,13 @@ class PatchEmbed(nn.Module):
         B, _, H, W = pixel_values.shape
         if H != self.image_size or W != self.image_size:
             raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {H}x{W}")
-        x = self.proj(pixel_values)  # (B, width, grid, grid)
+        # the conv runs in autocast's bf16; the class token and positions are added in the
+        # parameters' own precision (fp32 master weights), as the text tower's are
+        x = self.proj(pixel_values).to(self.pos_embed.dtype)  # (B, width, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, num_patches, width), row-major patches
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
-        return x + self.pos_embed.to(x.dtype)
+            x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        return x + self.pos_embed
 
 
 class TextEmbed(nn.Module):

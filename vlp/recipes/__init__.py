@@ -14,16 +14,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
-from vlp.config import PretrainConfig, to_dict
+from vlp.config import ConfigError, PretrainConfig, to_dict
 from vlp.data.pipeline import make_loader
 from vlp.data.shards import check_shards_vs_workers, count_samples, expand_urls
 from vlp.data.sources import ShardSource
 from vlp.data.transforms import ImageTransform
 from vlp.engine import dist
 from vlp.engine.logs import check_tensorboard
-from vlp.engine.loop import check_resumed_config, resolve_resume, train
+from vlp.engine.loop import RunLock, check_resumed_config, resolve_resume, train
 from vlp.engine.setup import build_tokenizer, resolve_data, tokenizer_cache
 from vlp.engine.task import Task
 from vlp.recipes.combined import CombinedRecipe
@@ -62,6 +63,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     if adopted:
         say(f"model.init_text_from: taking the BERT folder's {', '.join(adopted)}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir) if world.is_main else None  # one run at a time in OUT
     resume_from = resolve_resume(out_dir, resume)
     check_resumed_config(cfg, out_dir, resume_from, say)  # before any work
 
@@ -75,7 +77,14 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     if val_spec and (cfg.eval.at_end or cfg.eval.every):
         expand_urls(val_spec)  # a missing data.val stops the run now, not after training
     if not cfg.data.resampled:
-        check_shards_vs_workers(len(urls), world.size, cfg.data.num_workers)
+        try:
+            check_shards_vs_workers(len(urls), world.size, cfg.data.num_workers)
+        except ConfigError as e:
+            if cfg.data.train:
+                raise
+            raise ConfigError(f"the built-in shapes world (data.train empty) has {len(urls)} "
+                              f"shards: {e} For many processes, data.resampled=true is the "
+                              "usual choice.") from None
     saved_tokenizer = out_dir / "tokenizer.json"
     if main:
         if resume_from and not cfg.tokenizer.path:
@@ -100,9 +109,14 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
                            num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                            seed=cfg.train.seed, rank=world.rank, world_size=world.size,
                            resampled=cfg.data.resampled, caption=cfg.data.caption, epoch=epoch,
-                           start=start, **recipe.loader_kwargs())
+                           start=start, pin_memory=torch.cuda.is_available(),
+                           **recipe.loader_kwargs())
 
     source = ShardSource(loader_for, urls=urls, batch_size=cfg.train.batch_size,
                          num_samples=count_samples(urls), resampled=cfg.data.resampled)
-    return train(recipe, source, cfg, out_dir, world, resume_from=resume_from,
-                 progress=progress, command="pretrain", started=started)
+    try:
+        return train(recipe, source, cfg, out_dir, world, resume_from=resume_from,
+                     progress=progress, command="pretrain", started=started)
+    finally:
+        if lock:
+            lock.release()

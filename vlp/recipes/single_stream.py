@@ -164,12 +164,12 @@ class SingleStreamRecipe(Task):
                          masked_regions=masked_regions, **visual)
             if labels is not None:
                 target = labels[labels != IGNORE]
-                total = total + o.mlm_weight * classification_loss(out["mlm_logits"], target, metrics,
-                                                        "mlm")
+                total = total + o.mlm_weight * classification_loss(out["mlm_logits"], target,
+                                                                   metrics, "mlm")
             if "mrc_logits" in out:
                 target = batch.region_labels.to(dev)[masked_regions]
-                total = total + o.mrc_weight * classification_loss(out["mrc_logits"], target, metrics,
-                                                        "mrc")
+                total = total + o.mrc_weight * classification_loss(out["mrc_logits"], target,
+                                                                   metrics, "mrc")
             if "mrfr_pred" in out:
                 pred, target = out["mrfr_pred"].float(), out["mrfr_target"].float()
                 # mean over regions and feature dims (a sum over D=2048 would drown MLM/ITM)
@@ -179,7 +179,8 @@ class SingleStreamRecipe(Task):
         if "itm" in self.heads:
             index, target = mismatch_pairs(ids, o.itm_neg_prob)
             out = engine(ids[index], mask[index], task="itm", **visual)
-            total = total + o.itm_weight * classification_loss(out["itm_logits"], target, metrics, "itm")
+            total = total + o.itm_weight * classification_loss(out["itm_logits"], target,
+                                                               metrics, "itm")
         return total, [metrics.get(name, float("nan")) for name in self.metric_names]
 
     # ------------------------------------------------------------------ the end of a run

@@ -27,7 +27,7 @@ from vlp.data.sources import MapSource
 from vlp.data.transforms import ImageTransform
 from vlp.engine import dist
 from vlp.engine.logs import check_tensorboard
-from vlp.engine.loop import check_resumed_config, resolve_resume, train
+from vlp.engine.loop import RunLock, check_resumed_config, resolve_resume, train
 from vlp.engine.setup import benchmark_root
 from vlp.models.joint import JointEncoder
 from vlp.tasks.caption import CaptionTask
@@ -71,6 +71,7 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
     world = dist.init()
     dist.set_threads(world, cfg.train.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir) if world.is_main else None  # one run at a time in OUT
     if world.local_rank == 0:
         root = benchmark_root(cfg.data, progress and world.is_main)
     dist.barrier()
@@ -90,8 +91,12 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         tokenizer.save(out_dir / "tokenizer.json")
     dist.barrier()
-    return train(task, source, cfg, out_dir, world, resume_from=resume_from,
-                 progress=progress, command=f"finetune {cfg.task}", started=started)
+    try:
+        return train(task, source, cfg, out_dir, world, resume_from=resume_from,
+                     progress=progress, command=f"finetune {cfg.task}", started=started)
+    finally:
+        if lock:
+            lock.release()
 
 
 def evaluate_finetuned(model_dir: str | Path, out_dir: str | Path, *, data_root: str = "",

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,12 +31,21 @@ class Skipped(NamedTuple):
 class RecordDataset(torch.utils.data.Dataset):
     """records[i] -> make_item(record, visual inputs), or `Skipped(reason)` when its visual
     input is unusable (`collate_items` drops and counts those). `make_item` may itself return
-    a Skipped (e.g. a question about an object the image has no region for)."""
+    a Skipped (e.g. a question about an object the image has no region for).
+
+    With `seed`, make_item also gets `rng=`, a numpy Generator seeded by (seed, epoch, i): an
+    item's random choices then depend on nothing but the item and the epoch (`set_epoch`, which
+    MapSource calls), so a run resumed mid-epoch, in other loader workers, draws the same."""
 
     def __init__(self, records: list, image_of: Callable, reader: VisualReader,
-                 make_item: Callable, object_boxes_of: Callable | None = None):
+                 make_item: Callable, object_boxes_of: Callable | None = None,
+                 seed: int | None = None):
         self.records, self.image_of, self.reader = records, image_of, reader
         self.make_item, self.object_boxes_of = make_item, object_boxes_of
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
@@ -47,7 +57,10 @@ class RecordDataset(torch.utils.data.Dataset):
             visual = self.reader.read(self.image_of(record), boxes)
         except VisualError as e:
             return Skipped(e.reason)
-        return self.make_item(record, visual)
+        if self.seed is None:
+            return self.make_item(record, visual)
+        return self.make_item(record, visual, rng=np.random.default_rng([self.seed, self.epoch,
+                                                                         i]))
 
 
 def collate_items(items: list, key: str) -> Batch:

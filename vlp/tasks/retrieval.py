@@ -179,13 +179,14 @@ class RetrievalTask(FinetuneTask):
         self.reader.check_files([self.image_path(r) for r in records],
                                 f"retrieval {split} images ({self.images}/<filepath>/<filename>)")
 
-        def item(record, visual):
-            # torch's RNG: seeded by the loop (and per loader worker), saved in checkpoints
-            j = int(torch.randint(len(record["captions"]), ()))
+        def item(record, visual, rng):
+            # rng: seeded by (train.seed, epoch, item), the same draw after a resume
+            j = int(rng.integers(len(record["captions"])))
             return {"visual": visual, "caption": record["captions"][j][1],
                     "image_id": record["image_id"]}
 
-        return RecordDataset(records, self.image_path, self.reader, item)
+        return RecordDataset(records, self.image_path, self.reader, item,
+                             seed=self.cfg.train.seed)
 
     def collate(self, items: list) -> Batch:
         batch = collate_items(items, "image_id")
