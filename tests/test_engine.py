@@ -118,7 +118,8 @@ def _reference(batches, train: TrainConfig):
 
 def _run(engine, batches):
     norms = []
-    for x, y in batches:
+    for x, y in batches:  # on the engine's device: the suite runs on a CUDA machine too
+        x, y = x.to(engine.device), y.to(engine.device)
         loss = torch.nn.functional.mse_loss(engine(x), y)
         engine.backward(loss)
         if engine.step():
@@ -143,7 +144,7 @@ def test_engine_matches_plain_pytorch(world, stage):
 
 def _weights(engine, stage):
     if stage < 3:
-        return {k: v.float() for k, v in engine.module.state_dict().items()}
+        return {k: v.float().cpu() for k, v in engine.module.state_dict().items()}
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -224,3 +225,31 @@ def test_prune_keeps_newest(tmp_path):
     assert (tmp_path / "latest").read_text().strip() == "step_00000004"
     with pytest.raises(FileNotFoundError, match="latest"):
         checkpoint.resolve(tmp_path / "nothing-here")
+
+
+def test_zero0_native_bf16_writes_the_fp32_masters(world, tmp_path):
+    """Issue 18: ZeRO-0 with DeepSpeed's native bf16 keeps the module in bf16 and the fp32
+    masters in its optimizer; the consolidated weights (the model directory's) are the masters,
+    not the module's bf16 rounding of them."""
+    ds = json.loads((CONFIGS / "zero0.json").read_text())
+    ds["bf16"] = {"enabled": True}
+    ds["torch_autocast"] = {"enabled": False}
+    config = tmp_path / "zero0_bf16.json"
+    config.write_text(json.dumps(ds))
+    train = TrainConfig(**{**TRAIN, "precision": "bf16", "deepspeed": str(config)})
+    engine = Engine(_model(), train, world)
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(8, 4, dtype=torch.bfloat16).to(engine.device)
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+    engine.save(tmp_path / "ckpt" / "step")
+    weights = engine.consolidated_state_dict(tmp_path / "ckpt" / "step")
+    live = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    assert weights.keys() == live.keys()
+    for key, w in weights.items():
+        assert w.dtype == torch.float32
+        assert torch.equal(w.bfloat16(), live[key])  # the module holds these, rounded
+    # trained weights are not all bf16 numbers: 16-bit rounding would have lost that
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in weights.values())

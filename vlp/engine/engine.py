@@ -162,8 +162,31 @@ class Engine:
                 state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent),
                                                                  tag=folder.name)
         else:
-            state = self.module.state_dict()
+            state = self._module_state_fp32()
         return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+
+    def _module_state_fp32(self) -> dict[str, torch.Tensor]:
+        """The module's state dict with each 16-bit parameter replaced by the optimizer's fp32
+        master copy: ZeRO-0 with DeepSpeed's fp16 or native bf16 keeps the module in 16 bits
+        (FP16_Optimizer / FP16_UnfusedOptimizer hold the fp32 masters), and a model directory
+        written from the module would carry weights rounded to 16 bits."""
+        state = self.module.state_dict(keep_vars=True)
+        optimizer = getattr(self.ds, "optimizer", None)
+        groups16 = getattr(optimizer, "fp16_groups", None)
+        if groups16 is None:
+            return state
+        masters: dict[int, torch.Tensor] = {}
+        if hasattr(optimizer, "fp32_groups"):  # unfused: one fp32 copy per parameter
+            for g16, g32 in zip(groups16, optimizer.fp32_groups):
+                masters.update({id(p16): p32 for p16, p32 in zip(g16, g32)})
+        elif hasattr(optimizer, "fp32_groups_flat"):  # fused: one flat fp32 buffer per group
+            for g16, flat in zip(groups16, optimizer.fp32_groups_flat):
+                offset = 0
+                for p16 in g16:
+                    n = p16.numel()
+                    masters[id(p16)] = flat[offset:offset + n].view_as(p16)
+                    offset += n
+        return {k: masters.get(id(v), v) for k, v in state.items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The live weights as full float32 CPU tensors, for evaluation during training. Every
@@ -175,4 +198,5 @@ class Engine:
                                                    modifier_rank=None):
                 return {k: v.detach().float().cpu().clone()
                         for k, v in self.module.state_dict().items()}
-        return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+        return {k: v.detach().float().cpu().clone()
+                for k, v in self._module_state_fp32().items()}
