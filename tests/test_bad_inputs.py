@@ -141,3 +141,18 @@ def test_bad_hf_clip_config(tmp_path, capsys):
     (folder / "config.json").write_text('{"model_type": "clip",')
     assert main(["convert", "hf-clip", str(folder), str(tmp_path / "out")]) == 2
     assert f"{folder / 'config.json'}: not valid JSON" in _one_error_line(capsys, "convert")
+
+
+def test_one_device_rule(model_dir, tmp_path, capsys):
+    """Issue 18: every command takes --device; the default is the GPU when there is one, else
+    the CPU; a CUDA device on a machine without one is one line."""
+    from vlp.models.device import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == expected
+    assert vlp.load(model_dir).device.type == expected
+    assert vlp.load(model_dir, device="cpu").device.type == "cpu"
+    if not torch.cuda.is_available():
+        assert main(["eval", "retrieval", "--model", str(model_dir), "--data", str(tmp_path),
+                     "--device", "cuda"]) == 2
+        assert "no CUDA device" in _one_error_line(capsys, "eval")

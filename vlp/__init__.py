@@ -10,8 +10,9 @@ Public API: `vlp.load(path)` returns a model with `encode_image` and `encode_tex
 __version__ = "0.1.0"
 
 
-def load(path, device="cpu"):
-    """Load a model directory (config.json + model.safetensors + tokenizer.json)."""
+def load(path, device=None):
+    """Load a model directory (config.json + model.safetensors + tokenizer.json) onto `device`
+    (None: the GPU when there is one, else the CPU)."""
     from vlp.api import load as _load
 
     return _load(path, device)

@@ -20,8 +20,9 @@ from vlp.models.pretrained import Pretrained
 LOADABLE = ("dual_tower", "combined", "finetuned")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a model directory written by `vlp pretrain`, `vlp finetune` or `vlp convert`."""
+def load(path: str | Path, device: str | torch.device | None = None):
+    """Load a model directory written by `vlp pretrain`, `vlp finetune` or `vlp convert`, onto
+    `device` (None: the GPU when there is one, else the CPU)."""
     folder = modeldir.read(path)
     if folder.architecture == "single_stream":
         raise modeldir.ModelDirError(
@@ -33,7 +34,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     return Pretrained.from_dir(folder, device)
 
 
-def load_finetuned(folder: modeldir.ModelDir, device: str | torch.device = "cpu"):
+def load_finetuned(folder: modeldir.ModelDir, device: str | torch.device | None = None):
     """A fine-tuned model directory (vlp finetune) -> the task's inference object."""
     task = folder.config.get("task")
     if task == "vqa":

@@ -108,7 +108,8 @@ def _cmd_data_regions(args: argparse.Namespace) -> int:
 
     labels = manifest_regions(expand_urls(args.data)).get("object_labels", [])
     counts = extract_regions(args.model, args.data, args.out, label_names=labels,
-                             batch_size=args.batch_size, progress=not args.no_progress)
+                             batch_size=args.batch_size, progress=not args.no_progress,
+                             device=args.device)
     print(json.dumps(counts, indent=2))
     return 0
 
@@ -128,7 +129,7 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     import vlp
     from vlp.eval.retrieval import evaluate_retrieval, format_table
 
-    model = vlp.load(args.model)
+    model = vlp.load(args.model, device=args.device)
     metrics = evaluate_retrieval(model, args.data, batch_size=args.batch_size,
                                  progress=not args.no_progress)
     print(format_table(metrics))
@@ -197,7 +198,7 @@ def _eval_model(args: argparse.Namespace, files: dict[str, str | None]) -> dict 
 
     overrides = [f"{key}={value}" for key, value in files.items() if value]
     out_dir = Path(args.out).parent if args.out else Path(args.model).parent
-    return evaluate_finetuned(args.model, out_dir, data_root=args.data or "",
+    return evaluate_finetuned(args.model, out_dir, data_root=args.data or "", device=args.device,
                               split=getattr(args, "split", None) or "", overrides=overrides,
                               progress=not args.no_progress)
 
@@ -253,7 +254,7 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
     from vlp.retrieval import build
 
     try:
-        info = build(args.model, args.data, args.out, text=args.text,
+        info = build(args.model, args.data, args.out, text=args.text, device=args.device,
                      batch_size=args.batch_size, chunk_size=args.chunk_size, dtype=args.dtype,
                      index_type=args.index_type, max_memory=args.max_memory,
                      progress=not args.no_progress)
@@ -285,7 +286,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         print("vlp search: error: give either a text QUERY or --image PATH", file=sys.stderr)
         return 2
     try:
-        searcher = Searcher(args.index, model=args.model)
+        searcher = Searcher(args.index, model=args.model, device=args.device)
         if args.image:
             hits = searcher.search_image(load_image(args.image), args.k, args.mode)
         else:
@@ -304,7 +305,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from vlp.retrieval.search import Searcher
     from vlp.retrieval.serve import make_server
 
-    searcher = Searcher(args.index, model=args.model)
+    searcher = Searcher(args.index, model=args.model, device=args.device)
     try:
         server = make_server(searcher, args.host, args.port)  # a port in use fails first
     except OSError as e:
@@ -322,6 +323,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="where the model runs: cuda, cuda:1, cpu (default: the GPU "
+                   "when there is one, else the CPU)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """`vlp eval vqa|caption|vcr --model DIR`: run a fine-tuned model instead of scoring a file."""
     p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
@@ -329,6 +335,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
                    "world's)")
     p.add_argument("--no-progress", action="store_true")
+    _add_device_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the shards with regions")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-progress", action="store_true")
+    _add_device_arg(p)
     p.set_defaults(func=_cmd_data_regions)
 
     tok = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tok_cmd",
@@ -395,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the metrics as flat JSON here")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-progress", action="store_true")
+    _add_device_arg(p)
     p.set_defaults(func=_cmd_eval_retrieval)
     p = ev.add_parser("vqa", help="VQA accuracy (the official VQA v2 scorer's), overall and "
                       "per answer/question type")
@@ -460,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-type", default="auto", help="auto, flat, hnsw, ivf, ivf-hnsw, "
                    "ivf-pq, opq-pq, or a faiss factory string (e.g. 'IVF1024,PQ32x8')")
     p.add_argument("--no-progress", action="store_true")
+    _add_device_arg(p)
     p.set_defaults(func=_cmd_index_build)
 
     p = sub.add_parser("search", help="search an index with a text or an image")
@@ -472,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory (default: the one the index was built "
                    "with)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_device_arg(p)
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("serve", help="HTTP search API and web page over an index")
@@ -481,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="model directory (default: the one the index was built "
                    "with)")
+    _add_device_arg(p)
     p.set_defaults(func=_cmd_serve)
     return parser
 

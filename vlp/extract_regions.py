@@ -28,6 +28,7 @@ from tqdm import tqdm
 from vlp.data.pipeline import SkipCounter, decode_image, read_json_member, SkipSample
 from vlp.data.regions import RegionError
 from vlp.data.shards import expand_urls, iter_tar_samples, is_remote
+from vlp.models.device import eval_autocast
 from vlp.models.regions import RoIRegionFeatures
 
 
@@ -46,10 +47,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class RegionExtractor:
     """Region features of images from a model directory's vision tower (vlp.load)."""
 
-    def __init__(self, model_dir: str | Path, label_names: list[str] | None = None):
+    def __init__(self, model_dir: str | Path, label_names: list[str] | None = None,
+                 device: str | None = None):
         import vlp
 
-        self.pretrained = vlp.load(model_dir)
+        self.pretrained = vlp.load(model_dir, device=device)
         self.visual = self.pretrained.model.visual.eval()
         self.transform = self.pretrained.transform
         self.grid = self.visual.embed.grid_size
@@ -64,10 +66,11 @@ class RegionExtractor:
     def features(self, images, boxes_px: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """PIL images and their boxes [N, 4] (pixels) -> per image (features [M, width] float32,
         keep [N] bool: the boxes with area left inside the model's centre crop)."""
-        pixels = torch.stack([self.transform(im) for im in images])
-        tokens = self.visual.forward_features(pixels)[:, 1:]  # drop the class token
+        pixels = torch.stack([self.transform(im) for im in images]).to(self.pretrained.device)
+        with eval_autocast(self.pretrained.device):
+            tokens = self.visual.forward_features(pixels)[:, 1:]  # drop the class token
         b, n, c = tokens.shape
-        grid = tokens.transpose(1, 2).reshape(b, c, self.grid, self.grid).float()
+        grid = tokens.transpose(1, 2).reshape(b, c, self.grid, self.grid).float().cpu()
         mapped = [self.transform.map_boxes(bx, im.size) for im, bx in zip(images, boxes_px)]
         r = max(1, max(len(m[0]) for m in mapped))
         boxes = torch.zeros(b, r, 4)
@@ -97,7 +100,7 @@ def _objects(meta: dict) -> tuple[np.ndarray, list[str]]:
 
 def extract_regions(model_dir: str | Path, data: str, out_dir: str | Path, *,
                     label_names: list[str] | None = None, batch_size: int = 64,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, device: str | None = None) -> dict:
     """Write region-feature copies of the shards of `data` into `out_dir`; returns counts.
     Each output shard is written to a temporary name and renamed when complete."""
     urls = expand_urls(data)
@@ -105,7 +108,7 @@ def extract_regions(model_dir: str | Path, data: str, out_dir: str | Path, *,
         raise ValueError("vlp data regions reads local shards (copy remote ones first)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    extractor = RegionExtractor(model_dir, label_names)
+    extractor = RegionExtractor(model_dir, label_names, device)
     skips = SkipCounter()
     counts = {"samples": 0, "with_regions": 0, "regions": 0}
     bar = tqdm(total=len(urls), desc="extract regions", unit="shard", disable=not progress)

@@ -200,3 +200,16 @@ class Engine:
                         for k, v in self.module.state_dict().items()}
         return {k: v.detach().float().cpu().clone()
                 for k, v in self._module_state_fp32().items()}
+
+    def release(self) -> None:
+        """Free the engine (optimizer states, gradient buffers, its copy of the model), e.g.
+        before a final evaluation with a fresh model; the engine is unusable afterwards."""
+        import gc
+
+        destroy = getattr(self.ds, "destroy", None)
+        if destroy is not None:
+            destroy()
+        del self.ds, self.module
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -40,6 +40,7 @@ from vlp.engine import checkpoint, dist, safe_load
 from vlp.engine.engine import Engine, rng_state, set_rng_state
 from vlp.engine.logs import JsonlLog, TensorBoardLog, truncate_log
 from vlp.engine.task import Task
+from vlp.models.device import eval_autocast
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -257,7 +258,8 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
         if main:
             model = task.build_model(pretrained=False)
             model.load_state_dict(weights)
-            metrics = task.evaluate(model.eval().to(engine.device), out_dir, False)
+            with eval_autocast(engine.device):
+                metrics = task.evaluate(model.eval().to(engine.device), out_dir, False)
             log.write({"step": step, "event": "eval", **metrics})
             if tensorboard:
                 tensorboard.write(step, {f"eval/{k}": v for k, v in metrics.items()})
@@ -372,13 +374,16 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     final.load_state_dict(weights)
     final.eval()
     folder = task.save_model(final, out_dir / "model")
+    step, device = engine.global_step, engine.device
+    engine.release()  # the optimizer state and the engine's copy of the model: before evaluating
     if cfg.eval.at_end:
-        metrics.update(task.evaluate(final.to(engine.device), out_dir, progress))
+        with eval_autocast(device):
+            metrics.update(task.evaluate(final.to(device), out_dir, progress))
     metrics["total_time_s"] = round(time.time() - started, 1)
-    log.write({"step": engine.global_step, "event": "end", **metrics})
+    log.write({"step": step, "event": "end", **metrics})
     log.close()
     if tensorboard:
-        tensorboard.write(engine.global_step, {f"eval/{k}": v for k, v in metrics.items()})
+        tensorboard.write(step, {f"eval/{k}": v for k, v in metrics.items()})
         tensorboard.close()
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     say(f"model: {folder}  metrics: {out_dir / 'metrics.json'}")

@@ -14,6 +14,7 @@ from PIL import Image
 from vlp import modeldir
 from vlp.config import to_dict
 from vlp.data.transforms import ImageTransform
+from vlp.models.device import eval_autocast, resolve_device
 from vlp.models.towers import DualTower
 from vlp.tokenizer import Tokenizer
 
@@ -22,11 +23,13 @@ class Pretrained:
     """A dual tower with its tokenizer and eval image transform, ready for inference."""
 
     def __init__(self, model: DualTower, tokenizer: Tokenizer, transform: ImageTransform,
-                 device: str | torch.device = "cpu"):
-        self.model = model.eval().to(device)
+                 device: str | torch.device | None = None):
+        """`device`: vlp.models.device.resolve_device's rule (None: the GPU when there is
+        one, else the CPU)."""
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
         self.transform = transform
-        self.device = torch.device(device)
 
     @property
     def context_length(self) -> int:
@@ -42,8 +45,9 @@ class Pretrained:
         else:
             pixels = torch.stack([self.transform(im) for im in images]) if len(images) else \
                 torch.empty(0, 3, self.transform.image_size, self.transform.image_size)
-        out = [self.model.encode_image(pixels[i:i + batch_size].to(self.device)).float().cpu()
-               for i in range(0, len(pixels), batch_size)]
+        with eval_autocast(self.device):
+            out = [self.model.encode_image(pixels[i:i + batch_size].to(self.device)).float().cpu()
+                   for i in range(0, len(pixels), batch_size)]
         return torch.cat(out) if out else torch.empty(0, self.model.cfg.embed_dim)
 
     @torch.no_grad()
@@ -69,8 +73,9 @@ class Pretrained:
         else:
             batches = (self.tokenizer(list(texts[i:i + batch_size]), self.context_length)
                        for i in range(0, len(texts), batch_size))
-        out = [self.model.encode_text(ids.to(self.device), mask.to(self.device)).float().cpu()
-               for ids, mask in batches]
+        with eval_autocast(self.device):
+            out = [self.model.encode_text(ids.to(self.device), mask.to(self.device)).float().cpu()
+                   for ids, mask in batches]
         return torch.cat(out) if out else torch.empty(0, self.model.cfg.embed_dim)
 
     def save(self, path: str | Path) -> Path:
@@ -79,7 +84,7 @@ class Pretrained:
                               self.model.state_dict(), self.tokenizer, self.transform)
 
     @classmethod
-    def from_dir(cls, folder: modeldir.ModelDir, device: str | torch.device = "cpu"
+    def from_dir(cls, folder: modeldir.ModelDir, device: str | torch.device | None = None
                  ) -> "Pretrained":
         """The dual tower of a dual_tower or combined model directory (a combined one keeps
         its towers in model.safetensors)."""

@@ -22,7 +22,7 @@ from vlp.retrieval.search import Hit, Searcher
 def build(model_dir: str | Path, data: str | Sequence[str], out: str | Path, *,
           text: bool = False, batch_size: int = 256, chunk_size: int = 4096,
           dtype: str = "float32", index_type: str = "auto", max_memory: str | int = "4GB",
-          progress: bool = True, model=None) -> dict:
+          progress: bool = True, model=None, device: str | None = None) -> dict:
     """Embed the shards (resuming a killed run) and build image.index (and text.index with
     `text`). Returns index_info.json's content."""
     check_index_type(index_type)  # fail on a typo before the (long) embedding, not after
@@ -30,7 +30,7 @@ def build(model_dir: str | Path, data: str | Sequence[str], out: str | Path, *,
     if model is None:
         import vlp
 
-        model = vlp.load(model_dir)
+        model = vlp.load(model_dir, device=device)
     report = embed_corpus(model_dir, data, out, text=text, batch_size=batch_size,
                           chunk_size=chunk_size, dtype=dtype, progress=progress, model=model)
     update_info(out, {"model": str(Path(model_dir).resolve()), "count": report.rows,

@@ -54,9 +54,10 @@ class Searcher:
     serialised; metadata reads open their own connection per thread). `search_batch` answers
     many queries with one encoder call: what the service does with concurrent requests."""
 
-    def __init__(self, index_dir: str | Path, model=None, device: str = "cpu"):
+    def __init__(self, index_dir: str | Path, model=None, device: str | None = None):
         """`model`: a model directory or a loaded `vlp.load(...)`; default: the recorded one.
-        The model is loaded on the first query that needs it."""
+        The model is loaded on the first query that needs it, onto `device` (None: the GPU
+        when there is one, else the CPU)."""
         self.index_dir = Path(index_dir)
         self.info = read_info(self.index_dir)
         self.settings = read_settings(self.index_dir)

@@ -29,6 +29,7 @@ from vlp.engine import dist
 from vlp.engine.logs import check_tensorboard
 from vlp.engine.loop import RunLock, check_resumed_config, resolve_resume, train
 from vlp.engine.setup import benchmark_root
+from vlp.models.device import eval_autocast, resolve_device
 from vlp.models.joint import JointEncoder
 from vlp.tasks.caption import CaptionTask
 from vlp.tasks.common import FinetuneTask
@@ -101,7 +102,7 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
 
 def evaluate_finetuned(model_dir: str | Path, out_dir: str | Path, *, data_root: str = "",
                        split: str = "", overrides: list[str] | None = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, device: str | None = None) -> dict:
     """`vlp eval <task> --model DIR`: score a fine-tuned model directory on a benchmark split
     (the shapes world's unless data.root / the task's file keys say otherwise), writing the
     official results file into out_dir."""
@@ -125,7 +126,9 @@ def evaluate_finetuned(model_dir: str | Path, out_dir: str | Path, *, data_root:
     modeldir.load_weights(model, folder.weights(), str(folder.path / modeldir.WEIGHTS))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return task.score(model.eval(), split or cfg.eval.split, out_dir, progress)
+    device = resolve_device(device)
+    with eval_autocast(device):
+        return task.score(model.eval().to(device), split or cfg.eval.split, out_dir, progress)
 
 
 __all__ = ["build_task", "finetune", "evaluate_finetuned", "FinetuneTask", "PRETRAIN_HINT"]

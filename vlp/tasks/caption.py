@@ -26,6 +26,7 @@ from vlp.data.karpathy import read_karpathy
 from vlp.data.visual import collate_visual
 from vlp.eval.caption_metric import evaluate_captions, format_table, karpathy_references
 from vlp.models.heads.caption import CaptionHead, beam_search, caption_loss, greedy_search
+from vlp.models.device import resolve_device
 from vlp.models.joint import FinetunedModel, JointEncoder
 from vlp.tasks.common import FinetuneTask, RecordDataset, collate_items, load_finetuned_parts, \
     reader_for
@@ -243,12 +244,12 @@ class CaptionTask(FinetuneTask):
 class CaptionModel:
     """A fine-tuned captioning model: `caption(image)`, `captions([image, ...])`."""
 
-    def __init__(self, folder, device: str = "cpu"):
+    def __init__(self, folder, device: str | torch.device | None = None):
         """`folder`: a fine-tuned caption model directory (a path or a modeldir.ModelDir)."""
         folder, self.model, self.tokenizer, transform = load_finetuned_parts(
             folder, lambda config, encoder: CaptionHead())
-        self.model.to(device)
-        self.device = device
+        self.device = resolve_device(device)
+        self.model.to(self.device)
         head = folder.config["head"]
         self.max_length, self.beam_size = head["max_length"], head["beam_size"]
         self.length_penalty = head["length_penalty"]

@@ -33,6 +33,7 @@ from vlp.config import ConfigError, FinetuneConfig
 from vlp.data.batch import Batch
 from vlp.data.karpathy import read_karpathy
 from vlp.eval.retrieval import KS, recall_at_k
+from vlp.models.device import resolve_device
 from vlp.models.joint import FinetunedModel, JointEncoder
 from vlp.models.pretrained import Pretrained
 from vlp.objectives import classification_loss, clip_loss, distributed_clip_loss, \
@@ -373,10 +374,11 @@ class RetrievalModel(Pretrained):
     fine-tuned towers) and, when retrieval.rerank_k > 0 trained its ITM head,
     `itm_scores(image, texts)` / `rerank(image, texts)`."""
 
-    def __init__(self, folder, device: str | torch.device = "cpu"):
+    def __init__(self, folder, device: str | torch.device | None = None):
         """`folder`: a fine-tuned retrieval model directory (a path or a modeldir.ModelDir)."""
         folder, model, tokenizer, transform = load_finetuned_parts(
             folder, lambda config, encoder: RetrievalHead(False))
+        device = resolve_device(device)
         self.backbone = model.backbone.to(device).eval()
         super().__init__(self.backbone.core.towers, tokenizer, transform.as_eval(), device)
         self.itm_trained = bool(folder.config["head"].get("itm_trained"))

@@ -44,6 +44,7 @@ from vlp.data.jsonfiles import read_json, read_jsonl, require
 from vlp.data.visual import VisualError, collate_visual
 from vlp.eval.vcr_metric import evaluate_vcr, format_table, write_vcr_predictions
 from vlp.models.heads.vcr import VCRHead, vcr_loss
+from vlp.models.device import resolve_device
 from vlp.models.joint import FinetunedModel, JointEncoder
 from vlp.tasks.common import FinetuneTask, RecordDataset, Skipped, collate_items, \
     load_finetuned_parts, reader_for
@@ -402,14 +403,14 @@ def model_inputs(batch: Batch, device, dtype) -> dict:
 class VCRModel:
     """A fine-tuned VCR model: `choose(image, question, choices, objects=...)`."""
 
-    def __init__(self, folder, device: str = "cpu"):
+    def __init__(self, folder, device: str | torch.device | None = None):
         """`folder`: a fine-tuned VCR model directory (a path or a modeldir.ModelDir)."""
         def head(config, encoder):
             return VCRHead(encoder.width)
 
         folder, self.model, tokenizer, transform = load_finetuned_parts(folder, head)
-        self.model.to(device)
-        self.device = device
+        self.device = resolve_device(device)
+        self.model.to(self.device)
         self.text = VCRText(tokenizer, folder.config["head"]["max_length"])
         self.reader = reader_for(self.model.backbone, transform, None)
 

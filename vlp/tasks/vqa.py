@@ -22,6 +22,7 @@ from vlp.data.jsonfiles import read_json, require
 from vlp.data.visual import collate_visual
 from vlp.eval.vqa_metric import evaluate_vqa, normalize_answer, soft_scores
 from vlp.models.heads.vqa import VQAHead, vqa_loss
+from vlp.models.device import resolve_device
 from vlp.models.joint import FinetunedModel, JointEncoder
 from vlp.tasks.common import FinetuneTask, RecordDataset, collate_items, load_finetuned_parts, \
     reader_for
@@ -191,14 +192,14 @@ class VQATask(FinetuneTask):
 class VQAModel:
     """A fine-tuned VQA model: `answer(image, question)`."""
 
-    def __init__(self, folder, device: str = "cpu"):
+    def __init__(self, folder, device: str | torch.device | None = None):
         """`folder`: a fine-tuned VQA model directory (a path or a modeldir.ModelDir)."""
         def head(config, encoder):
             return VQAHead(encoder.width, config["head"]["num_answers"])
 
         folder, self.model, self.tokenizer, transform = load_finetuned_parts(folder, head)
-        self.model.to(device)
-        self.device = device
+        self.device = resolve_device(device)
+        self.model.to(self.device)
         self.answers = folder.read_json("answers.json")
         self.max_length = folder.config["head"]["max_question_length"]
         self.reader = reader_for(self.model.backbone, transform, None)
