@@ -22,6 +22,7 @@ from typing import Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 
 from vlp.eval.inputs import EvalError
 
@@ -123,8 +124,8 @@ def plot_runs(runs: Sequence[str | Path], metrics: Sequence[str] | None = None) 
             steps, values = zip(*points)
             ax.plot(steps, values, color=color, label=label,
                     marker=None if panel in TRAIN_SERIES else "o", markersize=3)
-        if panel == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        if panel == "lr":  # 2.0e-04 on each tick: an axis offset label would hit the title
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.1e"))
         if i == 0 and len(logs) > 1:
             ax.legend(fontsize="small")
     if len(logs) == 1:
