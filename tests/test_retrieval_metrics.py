@@ -186,3 +186,29 @@ def test_karpathy_bad_input_is_one_clear_line(ft_world, pretrained, tmp_path, ca
         rc, err = _eval(capsys, "--model", dual, *args)
         assert rc == 2 and words in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("family,rerank_k", [("dual_tower", 0), ("combined", 4)])
+def test_karpathy_eval_equals_the_retrieval_finetuning_evaluation(ft_world, pretrained,
+                                                                  tmp_path, capsys, family,
+                                                                  rerank_k):
+    """One protocol: the fine-tuning's own evaluation (vlp/tasks/retrieval.py, of its final
+    model and, as `zeroshot_*`, of the starting checkpoint) equals `vlp eval retrieval
+    --karpathy` on the fine-tuned model directory and on the checkpoint."""
+    run = tmp_path / "ft"
+    assert main(["finetune", "retrieval", "--out", str(run), "--no-progress",
+                 f"init_from={pretrained(family)}", f"data.synth_dir={ft_world}",
+                 f"retrieval.rerank_k={rerank_k}", "train.steps=2", "train.batch_size=8",
+                 "train.save_every=0", "eval.batch_size=16", "data.num_workers=0",
+                 "eval.split=test"]) == 0
+    task = json.loads((run / "metrics.json").read_text())
+    karpathy, _ = _karpathy_test_split(ft_world)
+    keys = KEYS + ["rsum"] + ([f"{k}_rerank" for k in KEYS] + ["rsum_rerank"] if rerank_k else [])
+    for model_dir, prefix in ((run / "model", ""), (pretrained(family), "zeroshot_")):
+        out = tmp_path / f"{prefix}eval.json"
+        rc, _ = _eval(capsys, "--model", model_dir, "--karpathy", karpathy, "--images",
+                      ft_world / "benchmarks", "--rerank-k", rerank_k, "--out", out)
+        assert rc == 0
+        got = json.loads(out.read_text())
+        for key in keys:
+            assert got[key] == pytest.approx(task[prefix + key]), prefix + key
