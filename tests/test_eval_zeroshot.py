@@ -224,6 +224,10 @@ def _write_clip_benchmark(root, samples: list[dict], names: list[str], templates
         "".join(f"{t}\n" for t in templates))
 
 
+def _picture(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
 def _png(im: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt)
