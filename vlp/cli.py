@@ -9,6 +9,10 @@
     vlp data regions --model DIR --data SHARDS --out DIR
     vlp tokenizer train --data SHARDS --out FILE [--vocab-size N]
     vlp eval retrieval --model DIR --data SHARDS [--out FILE] [--batch-size N]
+    vlp eval retrieval --model DIR --karpathy dataset_coco.json --images DIR [--split test]
+        [--rerank-k K] [--out FILE]
+    vlp eval zeroshot --model DIR --data DIR [--split S] [--classnames FILE] [--templates FILE]
+        [--out FILE]   (CLIP_benchmark webdataset layout, or an ImageNet-style image folder)
     vlp eval vqa --predictions FILE --questions FILE --annotations FILE [--out FILE]
     vlp eval caption --predictions FILE (--annotations FILE | --karpathy FILE [--split S])
         [--out FILE]
@@ -23,6 +27,7 @@
         opq-pq|FAISS_FACTORY]   (a rerun resumes a killed build; written chunks are kept)
     vlp search "QUERY" --index DIR [-k 10] [--image PATH] [--mode image|text] [--json]
     vlp serve --index DIR [--host 127.0.0.1] [--port 8000]
+    vlp plot RUN [RUN ...] --out curves.png [--metrics NAME ...]
 """
 from __future__ import annotations
 
@@ -125,10 +130,45 @@ def _cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrieval_model(path: str, rerank_k: int, device: str | None = None):
+    """(the towers to rank with, the fusion layers + ITM head that re-rank, or None): a
+    combined directory brings its own; a retrieval fine-tuned one when its ITM head was
+    trained (retrieval.rerank_k > 0)."""
+    import vlp
+    from vlp import modeldir
+    from vlp.eval.retrieval import load_with_fusion
+
+    if modeldir.read(path).architecture in ("dual_tower", "combined"):
+        return load_with_fusion(path, device) if rerank_k else (vlp.load(path, device), None)
+    model = vlp.load(path, device)
+    if not hasattr(model, "encode_image"):
+        raise EvalError(f"{path}: a fine-tuned {type(model).__name__} has no towers to rank "
+                        "with; give a dual_tower, combined or retrieval model directory")
+    fusion = model.backbone.core if rerank_k and getattr(model, "itm_trained", False) else None
+    return model, fusion
+
+
 def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
     import vlp
-    from vlp.eval.retrieval import evaluate_retrieval, format_table
+    from vlp.eval.retrieval import evaluate_karpathy, evaluate_retrieval, format_karpathy_table, \
+        format_table
 
+    if bool(args.data) == bool(args.karpathy):
+        raise EvalError("vlp eval retrieval needs one of --data SHARDS (webdataset shards) or "
+                        "--karpathy dataset_coco.json --images DIR (a Karpathy split)")
+    if args.karpathy:
+        if not args.images:
+            raise EvalError("--karpathy needs --images DIR: the folder the file's "
+                            "<filepath>/<filename> are relative to")
+        model, fusion = _retrieval_model(args.model, args.rerank_k, args.device)
+        metrics = evaluate_karpathy(model, args.karpathy, args.images, args.split or "test",
+                                    batch_size=args.batch_size, rerank_k=args.rerank_k,
+                                    fusion=fusion, progress=not args.no_progress)
+        _report(metrics, format_karpathy_table(metrics), args.out)
+        return 0
+    if args.images or args.split or args.rerank_k:
+        raise EvalError("--images, --split and --rerank-k go with --karpathy; --data shards are "
+                        "scored whole, by the towers")
     model = vlp.load(args.model, device=args.device)
     metrics = evaluate_retrieval(model, args.data, batch_size=args.batch_size,
                                  progress=not args.no_progress)
@@ -137,6 +177,29 @@ def _cmd_eval_retrieval(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_eval_zeroshot(args: argparse.Namespace) -> int:
+    import vlp
+    from vlp.eval.zeroshot import evaluate_zeroshot, format_table, open_zeroshot_set
+
+    data = open_zeroshot_set(args.data, args.split, args.classnames, args.templates)
+    model = vlp.load(args.model, device=args.device)
+    if not hasattr(model, "encode_text"):
+        raise EvalError(f"{args.model}: a fine-tuned {type(model).__name__} has no towers; "
+                        "zero-shot classification needs a dual_tower, combined or retrieval "
+                        "model directory")
+    metrics = evaluate_zeroshot(model, data, batch_size=args.batch_size,
+                                progress=not args.no_progress)
+    _report(metrics, format_table(metrics, data.source), args.out)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from vlp.eval.plot import save_plot
+
+    print(f"wrote {save_plot(args.runs, args.out, args.metrics)}")
     return 0
 
 
@@ -397,14 +460,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="eval_cmd",
                                                                        required=True)
-    p = ev.add_parser("retrieval", help="image<->text Recall@K and zero-shot accuracy")
+    p = ev.add_parser("retrieval", help="image<->text Recall@K (and, on shards, the shapes "
+                      "world's zero-shot accuracy)")
     p.add_argument("--model", required=True, help="model directory (OUT/model of a run)")
-    p.add_argument("--data", required=True, help="shard spec of the test split")
+    p.add_argument("--data", help="shard spec of the test split")
+    p.add_argument("--karpathy", help="a Karpathy split file (dataset_coco.json, "
+                   "dataset_flickr30k.json), instead of --data")
+    p.add_argument("--images", help="with --karpathy: the folder its <filepath>/<filename> are "
+                   "relative to")
+    p.add_argument("--split", help="with --karpathy: the split to score (default: test)")
+    p.add_argument("--rerank-k", type=int, default=0, help="with --karpathy: re-rank each "
+                   "query's top K by the ITM head (combined models; fine-tuned retrieval "
+                   "models trained with retrieval.rerank_k > 0)")
     p.add_argument("--out", help="write the metrics as flat JSON here")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-progress", action="store_true")
     _add_device_arg(p)
     p.set_defaults(func=_cmd_eval_retrieval)
+    p = ev.add_parser("zeroshot", help="zero-shot classification: top-1/top-5 accuracy and "
+                      "mean per-class recall, with prompt ensembles")
+    p.add_argument("--model", required=True, help="model directory with a dual tower (trained, "
+                   "converted or combined)")
+    p.add_argument("--data", required=True, help="CLIP_benchmark webdataset folder (DIR/test/"
+                   "*.tar, classnames.txt, zeroshot_classification_templates.txt) or an "
+                   "ImageNet-style folder (DIR/val/<class dir>/*.JPEG)")
+    p.add_argument("--split", help="the split folder (default: test for webdataset, val for "
+                   "image folders)")
+    p.add_argument("--classnames", help="class names file (default: DIR/classnames.txt; one a "
+                   "line, dir<TAB>name, LOC_synset_mapping.txt, or JSON)")
+    p.add_argument("--templates", help="prompt templates, one a line with {c} for the class "
+                   "(default: DIR/zeroshot_classification_templates.txt, else 'a photo of a "
+                   "{c}.')")
+    p.add_argument("--out", help="write the metrics as flat JSON here")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--no-progress", action="store_true")
+    _add_device_arg(p)
+    p.set_defaults(func=_cmd_eval_zeroshot)
     p = ev.add_parser("vqa", help="VQA accuracy (the official VQA v2 scorer's), overall and "
                       "per answer/question type")
     p.add_argument("--predictions", help='results JSON: [{"question_id": N, "answer": "..."}]')
@@ -494,6 +585,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "with)")
     _add_device_arg(p)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("plot", help="training curves (loss, lr, evaluation metrics) of runs")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (their train_log.jsonl)")
+    p.add_argument("--out", required=True, help="image to write (curves.png)")
+    p.add_argument("--metrics", nargs="+", metavar="NAME", help="only these evaluation metrics "
+                   "(names or patterns such as 'i2t_R@*'); default: all")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 

@@ -4,7 +4,9 @@ Small images of coloured shapes (1-3 per scene, never overlapping), five caption
 small grammar, and object boxes with labels. `generate` writes them as webdataset shards in
 the img2dataset layout (the same files `vlp/data` reads for LAION/CC3M) plus, from separate
 scenes, benchmark files in their official formats: VQA v2, COCO captions with a Karpathy-style
-split, VCR-style jsonl, and a retrieval test file over the held-out val shards.
+split, VCR-style jsonl, and a retrieval test file over the held-out val shards. The val
+shards' single-object images are also written as zero-shot classification sets of their shape
+and their colour in CLIP_benchmark's webdataset layout (`zeroshot/shape`, `zeroshot/color`).
 
 Every train and val sample also carries precomputed region features, `{key}.regions.npz` (the
 format vlp/data/regions.py reads), for `model.visual_tokens=regions`. They come from a fixed
@@ -40,7 +42,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 3  # 2: regions.npz per train/val sample; 3: benchmark region files, 2000 images
+VERSION = 4  # 2: regions.npz per train/val sample; 3: benchmark region files, 2000 images;
+#             4: the zero-shot sets in CLIP_benchmark's layout
 
 # Saturated colours, far apart in RGB, all bright enough to stand out from the dark background.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -110,6 +113,16 @@ _SHAPE_WHY = {
 # VCR relation answers and rationales, in the same order as _relation's results.
 _RELATIONS = ("to the left of", "to the right of", "above", "below")
 _RELATION_WHY = ("further left than", "further right than", "higher than", "lower than")
+
+
+# Prompt ensembles of the zero-shot sets (CLIP's recipe: the normalised text embeddings of
+# several templates averaged per class). `{c}` stands for the class name, as in CLIP_benchmark's
+# zeroshot_classification_templates.txt.
+ZEROSHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "shape": ("a {c}", "a {c} shape", "a photo of a {c}", "there is a {c}", "one {c}"),
+    "color": ("a {c} shape", "something {c}", "a {c} object", "there is a {c} shape"),
+}
+ZEROSHOT_SPLIT = "test"  # CLIP_benchmark's split folder
 
 
 @dataclass(frozen=True)
@@ -540,8 +553,9 @@ def _shard_pattern(split: str, n_shards: int) -> str | None:
 
 
 def _write_split(out: Path, split: str, n: int, seed: int, image_size: int, shard_size: int,
-                 bar: tqdm) -> list[dict]:
-    """Write `split` as img2dataset shards; return the retrieval records of its samples."""
+                 bar: tqdm, keep_images: bool = False) -> list[dict]:
+    """Write `split` as img2dataset shards; return the retrieval records of its samples (with
+    `keep_images`, also each sample's JPEG bytes and json objects, for the zero-shot sets)."""
     records = []
     digits = max(4, len(str(shard_size - 1)))  # img2dataset's 4-digit index, wider if needed
     for shard in range((n + shard_size - 1) // shard_size):
@@ -567,6 +581,8 @@ def _write_split(out: Path, split: str, n: int, seed: int, image_size: int, shar
                 _tar_add(tar, f"{key}.regions.npz", scene_regions_npz(scene))
                 records.append({"key": key, "shard": f"{split}/{shard:05d}.tar",
                                 "captions": scene.captions})
+                if keep_images:
+                    records[-1].update(jpeg=scene.jpeg, objects=meta["objects"])
                 count += 1
                 bar.update()
         _write(out / split / f"{shard:05d}.tar", buf.getvalue())
@@ -575,6 +591,41 @@ def _write_split(out: Path, split: str, n: int, seed: int, image_size: int, shar
                  "status_dict": {"success": count}}
         _write(out / split / f"{shard:05d}_stats.json", _dumps(stats))
     return records
+
+
+def _write_zeroshot(out: Path, val: list[dict]) -> dict[str, dict]:
+    """The val shards' single-object images as zero-shot classification sets of their shape
+    and colour, in CLIP_benchmark's webdataset layout (clip_benchmark/webdataset_builder.py):
+
+        zeroshot/<attribute>/classnames.txt                          one class name a line
+        zeroshot/<attribute>/zeroshot_classification_templates.txt  one template a line, {c}
+        zeroshot/<attribute>/test/nshards.txt                        "1"
+        zeroshot/<attribute>/test/0.tar                              {key}.jpg + {key}.cls
+
+    `.cls` is the class index into classnames.txt, as text. The classes are the labels present,
+    sorted, and the images those with one object: exactly what `evaluate_retrieval` scores as
+    `zeroshot_<attribute>_top1` on the val shards, so both give the same number."""
+    sets = {}
+    for attribute, templates in ZEROSHOT_TEMPLATES.items():
+        samples = [(r["key"], r["jpeg"], r["objects"][0][attribute]) for r in val
+                   if len(r["objects"]) == 1]
+        if not samples:
+            continue
+        classes = sorted({label for _, _, label in samples})
+        root = out / "zeroshot" / attribute
+        _write(root / "classnames.txt", "".join(f"{c}\n" for c in classes).encode())
+        _write(root / "zeroshot_classification_templates.txt",
+               "".join(f"{t}\n" for t in templates).encode())
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, jpeg, label in samples:
+                _tar_add(tar, f"{key}.jpg", jpeg)
+                _tar_add(tar, f"{key}.cls", str(classes.index(label)).encode())
+        _write(root / ZEROSHOT_SPLIT / "0.tar", buf.getvalue())
+        _write(root / ZEROSHOT_SPLIT / "nshards.txt", b"1\n")
+        sets[attribute] = {"path": f"zeroshot/{attribute}", "split": ZEROSHOT_SPLIT,
+                           "images": len(samples), "classes": len(classes)}
+    return sets
 
 
 def _coco_captions(images: list[dict], captions: list[tuple[str, ...]]) -> dict:
@@ -705,7 +756,8 @@ def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int
     total = images + val_images + benchmark_images
     with tqdm(total=total, desc="shapes world", unit="img", disable=not progress) as bar:
         _write_split(out, "train", images, seed, image_size, shard_size, bar)
-        val = _write_split(out, "val", val_images, seed, image_size, shard_size, bar)
+        val = _write_split(out, "val", val_images, seed, image_size, shard_size, bar,
+                           keep_images=True)
         bench_splits = _write_benchmarks(out, benchmark_images, seed, image_size, bar)
 
     # The retrieval test set is the held-out val shards; images are named by their shard key.
@@ -713,6 +765,7 @@ def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int
                 "height": image_size, "license": 1} for i, r in enumerate(val)]
     retrieval = _coco_captions(images_, [r["captions"] for r in val])
     _write(out / "benchmarks" / "retrieval" / "test.json", _dumps(retrieval))
+    zeroshot = _write_zeroshot(out, val)
 
     n_shards = {s: (n + shard_size - 1) // shard_size
                 for s, n in (("train", images), ("val", val_images))}
@@ -743,6 +796,8 @@ def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int
                     "images": "benchmarks/vcr/images"},
             "retrieval": {"test": "benchmarks/retrieval/test.json"},
         },
+        # zero-shot classification sets (CLIP_benchmark's webdataset layout): `vlp eval zeroshot`
+        "zeroshot": zeroshot,
     }
     _write(out / "MANIFEST.json", json.dumps(manifest, sort_keys=True, indent=2).encode() + b"\n")
     return manifest

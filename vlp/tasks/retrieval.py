@@ -32,7 +32,7 @@ from tqdm import tqdm
 from vlp.config import ConfigError, FinetuneConfig
 from vlp.data.batch import Batch
 from vlp.data.karpathy import read_karpathy
-from vlp.eval.retrieval import KS, recall_at_k
+from vlp.eval.retrieval import KS, match_score, recall_at_k, rerank_orders, rsum
 from vlp.models.device import resolve_device
 from vlp.models.joint import FinetunedModel, JointEncoder
 from vlp.models.pretrained import Pretrained
@@ -58,13 +58,6 @@ def itm_logits(encoder: JointEncoder, text_tokens: torch.Tensor, text_mask: torc
     return encoder.core.itm_logits(text_tokens, text_mask, image_tokens)
 
 
-def match_score(logits: torch.Tensor) -> torch.Tensor:
-    """(N, 2) ITM logits -> (N,) log-odds that the pair matches (what re-ranking sorts by;
-    monotone in the match probability, and it does not saturate as a probability does)."""
-    logits = logits.float()
-    return logits[:, 1] - logits[:, 0]
-
-
 class RetrievalHead(nn.Module):
     """No weights of its own: fine-tuning trains the encoder's dual tower (its encoders,
     projections and learnable logit scale) with the CLIP loss, and with `train_itm` its fusion
@@ -87,11 +80,6 @@ class RetrievalHead(nn.Module):
         return encoder.core(pixel_values, input_ids, attention_mask, negatives=negatives)
 
 
-def rsum(metrics: dict, suffix: str = "") -> float:
-    """The sum of the six recalls (ALBEF / VSE++'s `rsum`)."""
-    return sum(metrics[f"{d}_R@{k}{suffix}"] for d in ("i2t", "t2i") for k in KS)
-
-
 @dataclass
 class Embedded:
     """A split's gallery: features (and the tower tokens re-ranking fuses)."""
@@ -105,28 +93,6 @@ class Embedded:
     image_tokens: torch.Tensor | None = None  # (N_img, T, W)
     text_tokens: torch.Tensor | None = None  # (N_txt, L, W)
     text_mask: torch.Tensor | None = None  # (N_txt, L)
-
-
-def rerank_orders(similarity: torch.Tensor, k: int, score_pairs, batch_size: int,
-                  desc: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's top k columns by `similarity` (Q, C) re-ordered by `score_pairs(rows, cols)`
-    (descending; ties keep the similarity order) -> (a (Q, C) score matrix whose descending
-    order is the re-ranked one: the top k above every other column, the rest by similarity;
-    the re-ranked top k columns (Q, k); their pair scores (Q, k))."""
-    k = min(k, similarity.shape[1])
-    top = similarity.topk(k, dim=1).indices  # (Q, k), by similarity
-    rows = torch.arange(similarity.shape[0])[:, None].expand_as(top).reshape(-1)
-    cols = top.reshape(-1)
-    scores = torch.cat([score_pairs(rows[i:i + batch_size], cols[i:i + batch_size]).cpu()
-                        for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch",
-                                      disable=not progress)]).view_as(top)
-    scores, order = scores.sort(dim=1, descending=True, stable=True)  # (Q, k)
-    reranked = top.gather(1, order)
-    # cosine similarities are in [-1, 1]: ranks 1..k placed at 2 + (k..1) sit above all of them
-    out = similarity.clone().float()
-    out.scatter_(1, reranked, (2.0 + torch.arange(k, 0, -1, dtype=torch.float32))
-                 .expand(len(out), k).contiguous())
-    return out, reranked, scores
 
 
 def top_ids(scores: torch.Tensor, ids: list, n: int = TOP) -> tuple[list[list], list[list]]:
