@@ -101,3 +101,82 @@ def test_batch_first_cuts_every_field():
     assert cut.pixel_values.shape[0] == 2 and cut.fields["ids"] == [1, 2]
     assert cut.fields["t"].shape == (2, 5) and cut.skipped == {"corrupt_image": 1}
     assert set(batch.visual()) == {"pixel_values"}
+
+
+def test_forty_steps_with_eval_every_twenty_log_two_evaluations(shapes, tmp_path):
+    """Issue 14: a 40-step run with eval.every=20 logs two evaluation records (step 20, and
+    the end-of-run one at 40), on at most eval.max_samples validation samples during training."""
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--no-progress", f"data.train={shapes}/train",
+                 f"data.val={shapes}/val", *TINY, "train.steps=40", "train.save_every=0",
+                 "eval.every=20", "eval.max_samples=16", "train.log_every=10"]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    evaluations = [r for r in log if r.get("event") in ("eval", "end")]
+    assert [r["step"] for r in evaluations] == [20, 40]
+    assert evaluations[0]["num_images"] == 16 and evaluations[1]["num_images"] == 32
+    assert all("i2t_R@1" in r and "zeroshot_shape_top1" in r for r in evaluations)
+
+
+FT = ["train.batch_size=8", "train.log_every=1", "eval.batch_size=32", "data.num_workers=0",
+      "eval.split=val", "train.save_every=0"]
+
+
+def test_finetuning_keeps_the_best_weights(ft_world, pretrained, tmp_path, capsys):
+    """eval.best_metric: OUT/model is the best evaluated weights (the first of equals),
+    OUT/model-last the last; a constant huge learning rate makes the later steps no better.
+    `vlp eval vqa --model` on each gives the logged score of its step back."""
+    out = tmp_path / "vqa"
+    assert main(["finetune", "vqa", "--out", str(out), "--no-progress",
+                 f"init_from={pretrained('regions')}", f"data.synth_dir={ft_world}", *FT,
+                 "train.steps=4", "eval.every=1", "eval.best_metric=vqa_acc", "train.lr=3",
+                 "train.min_lr=3", "train.warmup_steps=0"]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    scores = {r["step"]: r["vqa_acc"] for r in log if r.get("event") in ("eval", "end")}
+    assert sorted(scores) == [1, 2, 3, 4]
+    best_step = min(s for s in scores if scores[s] == max(scores.values()))  # the first best
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_step"] == best_step and metrics["best_vqa_acc"] == max(scores.values())
+    assert metrics["vqa_acc"] == scores[4] <= metrics["best_vqa_acc"]
+    if best_step < 4:  # an earlier step was (first) best: OUT/model holds its weights
+        from safetensors.torch import load_file
+
+        best_w = load_file(out / "model" / "model.safetensors")
+        last_w = load_file(out / "model-last" / "model.safetensors")
+        assert any(not torch.equal(best_w[k], last_w[k]) for k in best_w)
+    again = tmp_path / "again" / "eval.json"
+    assert main(["eval", "vqa", "--model", str(out / "model"), "--data",
+                 str(ft_world / "benchmarks"), "--out", str(again), "--no-progress"]) == 0
+    assert json.loads(again.read_text())["vqa_acc"] == pytest.approx(scores[best_step])
+    last = tmp_path / "last" / "eval.json"
+    assert main(["eval", "vqa", "--model", str(out / "model-last"), "--data",
+                 str(ft_world / "benchmarks"), "--out", str(last), "--no-progress"]) == 0
+    assert json.loads(last.read_text())["vqa_acc"] == pytest.approx(scores[4])
+    # a metric the task does not report is refused before any work
+    capsys.readouterr()
+    assert main(["finetune", "vqa", "--out", str(tmp_path / "bad"), "--no-progress",
+                 f"init_from={pretrained('regions')}", f"data.synth_dir={ft_world}", *FT,
+                 "train.steps=2", "eval.best_metric=CIDEr"]) == 2
+    assert "eval.best_metric='CIDEr'" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_a_resumed_run_remembers_the_best(ft_world, pretrained, tmp_path):
+    """The best so far is in every checkpoint: a run stopped at step 2 and resumed to 4 keeps
+    the same best step (and OUT/model) as one that ran 4 steps straight."""
+    args = ["--no-progress", f"init_from={pretrained('regions')}", f"data.synth_dir={ft_world}",
+            *FT, "eval.every=1", "eval.best_metric=vqa_acc", "train.lr=3", "train.min_lr=3",
+            "train.warmup_steps=0", "train.save_every=2"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert main(["finetune", "vqa", "--out", str(whole), "train.steps=4", *args]) == 0
+    assert main(["finetune", "vqa", "--out", str(part), "train.steps=2", *args]) == 0
+    assert main(["finetune", "vqa", "--out", str(part), "--resume", "latest",
+                 "train.steps=4"]) == 0
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((part / "metrics.json").read_text())
+    assert (a["best_step"], a["best_vqa_acc"]) == (b["best_step"], b["best_vqa_acc"])
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(whole / "model" / "model.safetensors"), \
+        load_file(part / "model" / "model.safetensors")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-5, atol=1e-6, msg=key)

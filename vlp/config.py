@@ -140,8 +140,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 256
-    at_end: bool = True  # evaluate on data.val after training
+    at_end: bool = True  # evaluate on data.val after training (all of it)
     every: int = 0  # > 0: also every this many steps (rank 0, the live weights)
+    max_samples: int = 1000  # eval.every reads at most this many data.val samples; 0: all
 
 
 @dataclass
@@ -252,6 +253,10 @@ class FinetuneEvalConfig:
     split: Literal["val", "test"] = "test"  # scored at the end of the run (Karpathy: test)
     at_end: bool = True  # score eval.split with the official metric after training
     every: int = 0  # > 0: also every this many steps (rank 0, the live weights)
+    per_epoch: bool = False  # also at the end of every epoch (sets `every` to an epoch's steps)
+    # keep the best weights by this metric (higher is better: vqa_acc, CIDEr, Q->AR, rsum...)
+    # as OUT/model, the last as OUT/model-last; empty: OUT/model is the last
+    best_metric: str = ""
 
 
 def _finetune_train() -> TrainConfig:
@@ -452,8 +457,9 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
-    if cfg.eval.every < 0:
-        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0")
+    for key in ("every", "max_samples"):
+        if getattr(cfg.eval, key) < 0:
+            raise ConfigError(f"eval.{key}={getattr(cfg.eval, key)} must be >= 0")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
     f = cfg.model.fusion

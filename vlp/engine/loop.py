@@ -193,6 +193,10 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     main = world.is_main
     say = print if main else (lambda *a, **k: None)
     t = cfg.train
+    best_metric = getattr(cfg.eval, "best_metric", "")  # fine-tuning keeps its best weights
+    if best_metric and task.eval_metrics and best_metric not in task.eval_metrics:
+        raise ConfigError(f"eval.best_metric={best_metric!r} is not a metric of {task.name}'s "
+                          f"evaluation; choose one of {list(task.eval_metrics)}")
     seed_everything(t.seed)  # the same initial weights (and fresh heads) on every rank
     model = task.build_model()
     n_params = sum(p.numel() for p in model.parameters())
@@ -202,6 +206,8 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     dist.seed_for_rank(t.seed, world.rank)
     ckpt_root, log_path = out_dir / "checkpoints", out_dir / "train_log.jsonl"
     samples_seen, bad_steps_total = 0, 0
+    best = {"metric": best_metric, "value": None, "step": None}
+    shown: dict[str, str] = {}  # the latest evaluation, on the progress bar
     if resume_from:
         state = json.loads((resume_from / TRAINER_STATE).read_text())
         if state["world_size"] != world.size:
@@ -210,6 +216,8 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
         engine.load(resume_from)
         set_rng_state(safe_load.load(resume_from / f"rng_rank{world.rank:05d}.pt"))
         samples_seen, bad_steps_total = state["samples_seen"], state["bad_steps"]
+        if state.get("best", {}).get("metric") == best_metric:
+            best = state["best"]  # the best so far, and OUT/model holds it
         source.skipped.update(state["skipped"][world.rank])
         source.restore(state["data"][world.rank])
         if main:
@@ -244,25 +252,47 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
                     shutil.copy(out_dir / file, tmp / file)
             state = {"step": step, "task": task.name, "samples_seen": samples_seen,
                      "skipped": skips, "bad_steps": bad_steps_total, "epoch": source.epoch,
-                     "world_size": world.size, "data": positions}
+                     "world_size": world.size, "data": positions, "best": best}
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
         dist.barrier()
         if main:
             checkpoint.commit(ckpt_root, name, t.keep_checkpoints)
         dist.barrier()
 
+    def keep_if_best(model, metrics: dict, step: int) -> None:
+        """eval.best_metric: `model` becomes OUT/model when it scores best so far."""
+        nonlocal best
+        if not best_metric:
+            return
+        if best_metric not in metrics:
+            raise ConfigError(f"eval.best_metric={best_metric!r} is not a metric of this "
+                              f"evaluation; it reports {sorted(metrics)}")
+        value = float(metrics[best_metric])
+        if best["value"] is None or value > best["value"]:
+            task.save_model(model, out_dir / "model")
+            best = {"metric": best_metric, "value": value, "step": step}
+            log.write({"step": step, "event": "best", best_metric: value})
+
     def evaluate(step: int) -> None:
         """`eval.every`: the live weights (gathered across ranks under ZeRO-3) evaluated on
-        rank 0 while the others wait."""
+        rank 0 while the others wait, on at most eval.max_samples of pretraining's data.val
+        (a benchmark's whole split); the best so far kept with eval.best_metric."""
         weights = engine.full_state_dict()  # a collective under ZeRO-3
         if main:
             model = task.build_model(pretrained=False)
             model.load_state_dict(weights)
             with eval_autocast(engine.device):
-                metrics = task.evaluate(model.eval().to(engine.device), out_dir, False)
+                metrics = task.evaluate(model.eval().to(engine.device), out_dir, False,
+                                        max_samples=getattr(cfg.eval, "max_samples", 0))
             log.write({"step": step, "event": "eval", **metrics})
             if tensorboard:
                 tensorboard.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+            keep_if_best(model, metrics, step)
+            key = best_metric or next((k for k, v in metrics.items()
+                                       if isinstance(v, float)), None)
+            shown.clear()
+            if key:
+                shown[key] = f"{metrics[key]:.2f}"
         dist.barrier()
         engine.module.train()
 
@@ -319,7 +349,7 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
             loss_value = sum(step_losses) / len(step_losses)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{engine.lr:.2e}",
-                            samples_s=f"{rate:.0f}")
+                            samples_s=f"{rate:.0f}", **shown)
             log_step = step % t.log_every == 0 or step == t.steps
             if log_step:
                 all_skipped = total_skips(source.skipped, world)  # a collective: every rank
@@ -373,12 +403,30 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     final = task.build_model(pretrained=False)
     final.load_state_dict(weights)
     final.eval()
-    folder = task.save_model(final, out_dir / "model")
+    # with eval.best_metric, OUT/model is the best evaluated weights and these the last
+    folder = task.save_model(final, out_dir / ("model-last" if best_metric else "model"))
     step, device = engine.global_step, engine.device
     engine.release()  # the optimizer state and the engine's copy of the model: before evaluating
     if cfg.eval.at_end:
         with eval_autocast(device):
             metrics.update(task.evaluate(final.to(device), out_dir, progress))
+        keep_if_best(final, metrics, step)
+    if best_metric:
+        # the end-of-run evaluation came after the last checkpoint: a run resumed from it (to
+        # train longer) must know this best too
+        state_file = ckpt_root / f"step_{step:08d}" / TRAINER_STATE
+        state = json.loads(state_file.read_text())
+        if state.get("best") != best:
+            state["best"] = best
+            tmp = state_file.with_name(TRAINER_STATE + ".tmp")
+            tmp.write_text(json.dumps(state, indent=1) + "\n")
+            os.replace(tmp, state_file)
+        if best["value"] is None:  # nothing evaluated: the last weights are all there is
+            task.save_model(final, out_dir / "model")
+        metrics.update({"best_step": best["step"], f"best_{best_metric}": best["value"]})
+        folder = out_dir / "model"
+        say(f"best {best_metric}: {best['value']} at step {best['step']} (OUT/model); the last "
+            f"weights: {out_dir / 'model-last'}")
     metrics["total_time_s"] = round(time.time() - started, 1)
     log.write({"step": step, "event": "end", **metrics})
     log.close()

@@ -25,6 +25,8 @@ from vlp.data.batch import Batch
 class Task(ABC):
     name: str  # "dual_tower", "vqa", ...: the run's kind, in logs and the header
     metric_names: tuple[str, ...] = ()  # per-step values `loss` returns, logged by name
+    # metrics `evaluate` reports that eval.best_metric may name (checked before any work)
+    eval_metrics: tuple[str, ...] = ()
 
     @abstractmethod
     def build_model(self, pretrained: bool = True) -> nn.Module:
@@ -44,11 +46,13 @@ class Task(ABC):
         """Write `model` (trained weights loaded, eval mode, on CPU) as a model directory
         (vlp.modeldir) at `folder`; returns it."""
 
-    def evaluate(self, model: nn.Module, out_dir: Path, progress: bool) -> dict:
+    def evaluate(self, model: nn.Module, out_dir: Path, progress: bool,
+                 max_samples: int = 0) -> dict:
         """Score `model` (eval mode, on the device to evaluate on) with the task's metric:
         print a table, write any official results file into `out_dir`, return flat metrics
         ({} when there is nothing to evaluate). The loop calls it at the end of a run and every
-        `eval.every` steps."""
+        `eval.every` steps; `max_samples` > 0 bounds how much of the evaluation data is read
+        (during training; benchmark tasks score their whole split with the official metric)."""
         return {}
 
     def describe(self) -> str:

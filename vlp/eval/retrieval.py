@@ -12,6 +12,7 @@ optionally re-ranking each query's top k by the ITM head of a model with fusion 
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Iterable
 
@@ -86,14 +87,17 @@ def zero_shot_accuracy(model, image_features: torch.Tensor, labels: list[str | N
 
 @torch.no_grad()
 def evaluate_retrieval(model, data: str | list[str], *, batch_size: int = 256,
-                       progress: bool = True) -> dict:
-    """Embed every image and caption of `data` shards with `model` (anything with
-    `encode_image`, `encode_text` and `transform`, e.g. `vlp.load(...)`) and score them."""
+                       progress: bool = True, max_samples: int = 0) -> dict:
+    """Embed every image and caption of `data` shards (the first `max_samples` samples when
+    > 0) with `model` (anything with `encode_image`, `encode_text` and `transform`, e.g.
+    `vlp.load(...)`) and score them."""
     urls = expand_urls(data)
     skips = SkipCounter()
     pixels, captions, text_to_image, metas = [], [], [], []
     image_feats = []
     samples = iter_eval_samples(urls, model.transform, skips=skips)
+    if max_samples:
+        samples = itertools.islice(samples, max_samples)
     for sample in tqdm(samples, desc="embed images", unit="img", disable=not progress):
         pixels.append(sample["pixel_values"])
         metas.append(sample["json"] or {})

@@ -54,7 +54,7 @@ class Accuracy:
 
 @torch.no_grad()
 def evaluate_single_stream(model, recipe, data: str, *, batch_size: int = 128,
-                           progress: bool = True) -> dict:
+                           progress: bool = True, max_samples: int = 0) -> dict:
     """MLM / attribute-word MLM / ITM / MRC accuracy of `model` (a SingleStream, on its
     device) on the shards `data`, each also with the visual tokens blanked; `recipe` supplies
     the tokenizer, the visual token settings and the heads."""
@@ -71,6 +71,8 @@ def evaluate_single_stream(model, recipe, data: str, *, batch_size: int = 128,
     n = 0
     for i, batch in enumerate(tqdm(loader, desc="eval single-stream", unit="batch",
                                    disable=not progress)):
+        if max_samples and n >= max_samples:
+            break
         if not len(batch):
             continue
         n += len(batch)

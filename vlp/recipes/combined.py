@@ -79,20 +79,21 @@ class CombinedRecipe(Task):
                               model.towers.state_dict(), self.tokenizer, self.eval_transform,
                               extra_weights={modeldir.COMBINED_WEIGHTS: everything})
 
-    def evaluate(self, model: Combined, out_dir: Path, progress: bool) -> dict:
+    def evaluate(self, model: Combined, out_dir: Path, progress: bool,
+                 max_samples: int = 0) -> dict:
         if not self.val_spec:
             return {}
         device = next(model.parameters()).device
         towers = Pretrained(model.towers, self.tokenizer, self.eval_transform, device)
         metrics = evaluate_retrieval(towers, self.val_spec, batch_size=self.cfg.eval.batch_size,
-                                     progress=progress)
+                                     progress=progress, max_samples=max_samples)
         print(format_table(metrics))
-        metrics.update(self._fused_metrics(model, progress))
+        metrics.update(self._fused_metrics(model, progress, max_samples))
         print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items() if "mlm" in k or "itm" in k))
         return metrics
 
     @torch.no_grad()
-    def _fused_metrics(self, model: Combined, progress: bool) -> dict:
+    def _fused_metrics(self, model: Combined, progress: bool, max_samples: int = 0) -> dict:
         """MLM on every colour/shape word and ITM (positives and hard negatives), with the
         image and with it blanked (see vlp/eval/single_stream.py)."""
         device = next(model.parameters()).device
@@ -106,9 +107,13 @@ class CombinedRecipe(Task):
         # hard negatives are sampled: a fixed generator, so the figure is repeatable
         negatives = partial(sample_matching_pairs,
                             generator=torch.Generator(device).manual_seed(0))
+        seen = 0
         for batch in tqdm(loader, desc="eval fused", unit="batch", disable=not progress):
+            if max_samples and seen >= max_samples:
+                break
             if not len(batch):
                 continue
+            seen += len(batch)
             batch = batch.to(device)
             ids, mask = batch.input_ids, batch.attention_mask
             masked, labels, _ = mask_words(ids, mask, attr.to(device), self.tokenizer.mask_id)

@@ -44,12 +44,14 @@ class DualTowerRecipe(Task):
     def save_model(self, model: DualTower, folder: Path) -> Path:
         return Pretrained(model, self.tokenizer, self.eval_transform).save(folder)
 
-    def evaluate(self, model: DualTower, out_dir: Path, progress: bool) -> dict:
+    def evaluate(self, model: DualTower, out_dir: Path, progress: bool,
+                 max_samples: int = 0) -> dict:
         if not self.val_spec:
             return {}
         device = next(model.parameters()).device
         pretrained = Pretrained(model, self.tokenizer, self.eval_transform, device)
         metrics = evaluate_retrieval(pretrained, self.val_spec,
-                                     batch_size=self.cfg.eval.batch_size, progress=progress)
+                                     batch_size=self.cfg.eval.batch_size, progress=progress,
+                                     max_samples=max_samples)
         print(format_table(metrics))
         return metrics

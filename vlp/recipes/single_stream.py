@@ -191,9 +191,11 @@ class SingleStreamRecipe(Task):
         return modeldir.write(folder, "single_stream", config, weights, self.tokenizer,
                               self.eval_transform)
 
-    def evaluate(self, model: SingleStream, out_dir: Path, progress: bool) -> dict:
+    def evaluate(self, model: SingleStream, out_dir: Path, progress: bool,
+                 max_samples: int = 0) -> dict:
         if not self.val_spec:
             return {}
-        metrics = evaluate_single_stream(model, self, self.val_spec, progress=progress)
+        metrics = evaluate_single_stream(model, self, self.val_spec, progress=progress,
+                                         max_samples=max_samples)
         print(format_table(metrics))
         return metrics

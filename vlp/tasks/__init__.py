@@ -84,9 +84,13 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
     source = MapSource(task.dataset("train"), task.collate, batch_size=cfg.train.batch_size,
                        seed=cfg.train.seed, rank=world.rank, world_size=world.size,
                        num_workers=cfg.data.num_workers)
-    if cfg.epochs:  # resolved once, before any work: OUT/config.yaml says what runs
+    # resolved once, before any work: OUT/config.yaml says what runs
+    epoch_steps = max(1, math.ceil(source.batches_per_epoch / cfg.train.grad_accum))
+    if cfg.epochs:
         steps = max(1, math.ceil(cfg.epochs * source.batches_per_epoch / cfg.train.grad_accum))
         cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+    if cfg.eval.per_epoch:
+        cfg = replace(cfg, eval=replace(cfg.eval, every=epoch_steps, per_epoch=False))
     check_resumed_config(cfg, out_dir, resume_from, print if world.is_main else lambda *a: None)
     if world.is_main:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

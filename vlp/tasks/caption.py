@@ -107,6 +107,7 @@ def generate(model: FinetunedModel, visual: dict, tokenizer, *, beam_size: int,
 class CaptionTask(FinetuneTask):
     name = "caption"
     metric_names = ("train_token_acc",)
+    eval_metrics = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
 
     def __init__(self, cfg: FinetuneConfig, encoder: JointEncoder, tokenizer, transform,
                  root: Path, world_size: int = 1):

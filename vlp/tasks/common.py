@@ -146,7 +146,10 @@ class FinetuneTask(Task):
         return modeldir.write(folder, "finetuned", config, modeldir.untied_state_dict(model),
                               self.tokenizer, self.transform, files=self.task_files())
 
-    def evaluate(self, model: FinetunedModel, out_dir: Path, progress: bool) -> dict:
+    def evaluate(self, model: FinetunedModel, out_dir: Path, progress: bool,
+                 max_samples: int = 0) -> dict:
+        """The whole eval.split, scored by the official metric (max_samples is not used: a
+        partial results file is no official score)."""
         return self.score(model.eval(), self.cfg.eval.split, out_dir, progress)
 
     def eval_loader(self, split: str) -> torch.utils.data.DataLoader:

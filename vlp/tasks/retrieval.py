@@ -104,6 +104,8 @@ def top_ids(scores: torch.Tensor, ids: list, n: int = TOP) -> tuple[list[list], 
 
 class RetrievalTask(FinetuneTask):
     name = "retrieval"
+    eval_metrics = tuple(f"{d}_R@{k}{r}" for r in ("", "_rerank") for d in ("i2t", "t2i")
+                         for k in KS) + ("rsum", "rsum_rerank")
 
     def __init__(self, cfg: FinetuneConfig, encoder: JointEncoder, tokenizer, transform,
                  root: Path, world_size: int = 1):

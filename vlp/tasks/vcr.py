@@ -213,6 +213,7 @@ def object_count(encoder, visual: dict) -> int:
 class VCRTask(FinetuneTask):
     name = "vcr"
     metric_names = ("train_choice_acc",)
+    eval_metrics = ("Q->A", "QA->R", "Q->AR")
 
     def __init__(self, cfg: FinetuneConfig, encoder: JointEncoder, tokenizer, transform,
                  root: Path, world_size: int = 1):

@@ -72,6 +72,7 @@ def soft_targets(answers: list[str], index: dict[str, int]) -> torch.Tensor:
 class VQATask(FinetuneTask):
     name = "vqa"
     metric_names = ("train_vqa_score",)
+    eval_metrics = ("vqa_acc", "vqa_acc_yes_no", "vqa_acc_number", "vqa_acc_other")
 
     def __init__(self, cfg: FinetuneConfig, encoder: JointEncoder, tokenizer, transform,
                  root: Path, world_size: int = 1, answers: list[str] | None = None):
