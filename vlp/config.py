@@ -272,9 +272,10 @@ class FinetuneConfig:
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     train: TrainConfig = field(default_factory=_finetune_train)
     eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
-    # dual-tower checkpoints have no joint layers: these fresh ones fuse their tokens (width
-    # and norm come from the towers)
-    fusion: FusionConfig = field(default_factory=lambda: FusionConfig(layers=2))
+    # dual-tower checkpoints have no joint layers: these fresh ones fuse their tokens, each
+    # tower's projected into fusion.width (0: the text tower's width; norm_eps is the text
+    # tower's); combined and single-stream checkpoints bring their own
+    fusion: FusionConfig = field(default_factory=lambda: FusionConfig(width=0, layers=2))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     vqa: VQATaskConfig = field(default_factory=VQATaskConfig)
     caption: CaptionTaskConfig = field(default_factory=CaptionTaskConfig)
@@ -473,10 +474,9 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
         if cfg.model.max_regions <= 0:
             raise ConfigError(f"model.max_regions={cfg.model.max_regions} must be > 0")
     if cfg.recipe == "combined":
-        if not f.width == t.width == v.width:
-            raise ConfigError(f"recipe=combined fuses the towers' tokens: model.fusion.width "
-                              f"({f.width}), model.text.width ({t.width}) and "
-                              f"model.vision.width ({v.width}) must be equal")
+        if f.width % f.heads:
+            raise ConfigError(f"model.fusion.width={f.width} must be divisible by "
+                              f"model.fusion.heads={f.heads}")
         if t.mask != "bidirectional":
             raise ConfigError("recipe=combined runs MLM on the text tower: set "
                               "model.text.mask=bidirectional (and model.text.pool=cls)")

@@ -59,6 +59,9 @@ class Tokenizer:
         self.sep_id: int | None = ids["sep"]
         self.mask_id: int | None = ids["mask"]
         self._length: int | None = None  # context_length the padding/truncation is set for
+        # CLIP's BPE marks word ends with "</w>"; its tokenizer.json decodes byte-level only and
+        # leaves the marks (transformers replaces them in Python), so decode() does the same
+        self._word_end = getattr(hf.model, "end_of_word_suffix", None) or None
 
     def _find(self, names: Sequence[str]) -> int | None:
         for name in names:
@@ -118,7 +121,10 @@ class Tokenizer:
         """Text of one id sequence (special tokens, padding included, dropped by default)."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        text = self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self._word_end and self._word_end in text:
+            text = " ".join(text.replace(self._word_end, " ").split())
+        return text
 
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json to `path` (a file, or a folder that exists); returns the file."""

@@ -32,12 +32,12 @@ class Combined(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         f, t, v = cfg.fusion, cfg.text, cfg.vision
-        if not f.width == t.width == v.width:
-            raise ValueError(f"the combined recipe fuses tower tokens directly: model.fusion.width "
-                             f"({f.width}), model.text.width ({t.width}) and model.vision.width "
-                             f"({v.width}) must be equal")
         self.cfg = cfg
         self.towers = DualTower(cfg, vocab_size)
+        # towers of other widths than the fusion's are projected into it (METER, Dou et al.
+        # 2022); equal widths fuse as they are (no parameters: older checkpoints still load)
+        self.text_proj = nn.Linear(t.width, f.width) if t.width != f.width else nn.Identity()
+        self.image_proj = nn.Linear(v.width, f.width) if v.width != f.width else nn.Identity()
         self.segment = nn.Embedding(2, f.width)
         nn.init.normal_(self.segment.weight, std=0.02)
         self.fusion = Transformer(f.width, f.layers, f.heads, f.mlp_ratio, f.act, f.norm_eps,
@@ -52,13 +52,13 @@ class Combined(nn.Module):
     def fuse(self, text_tokens: torch.Tensor, text_mask: torch.Tensor,
              image_tokens: torch.Tensor, *, blank_visual: bool = False,
              causal_text: bool = False) -> torch.Tensor:
-        """[text tokens | image tokens] through the fusion layers -> (B, L, W) states of the
-        text positions. `blank_visual`: the image tokens masked out (the same weights as a
+        """[text tokens | image tokens] (each tower's width) projected into the fusion width,
+        through the fusion layers -> (B, L, W) states of the text positions. `blank_visual`: the image tokens masked out (the same weights as a
         text-only model); `causal_text`: words see earlier words and the whole image (the
         prefix-LM mask a caption decoder needs)."""
         n_text = text_tokens.shape[1]
-        x = torch.cat([text_tokens + self.segment.weight[0],
-                       image_tokens + self.segment.weight[1]], dim=1)
+        x = torch.cat([self.text_proj(text_tokens) + self.segment.weight[0],
+                       self.image_proj(image_tokens) + self.segment.weight[1]], dim=1)
         image_keep = torch.full(image_tokens.shape[:2], not blank_visual, dtype=torch.bool,
                                 device=x.device)
         keep = torch.cat([text_mask.bool(), image_keep], dim=1)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from vlp import modeldir
-from vlp.config import FusionConfig, ModelConfig, from_dict, to_dict
+from vlp.config import ConfigError, FusionConfig, ModelConfig, from_dict, to_dict
 from vlp.data.transforms import ImageTransform
 from vlp.data.visual import VisualNeeds
 from vlp.models.combined import Combined
@@ -65,14 +65,23 @@ class JointEncoder(nn.Module):
             self.width = cfg.fusion.width
         elif self.architecture in ("combined", "dual_tower"):
             if self.architecture == "dual_tower":
-                # the fresh layers fuse tower tokens as they are: the towers' width and norm
-                fusion = replace(from_dict(FusionConfig, spec["fusion"]), width=cfg.text.width,
+                # fresh fusion layers, pre-LN with the text tower's eps; width 0 (the default)
+                # is the text tower's: equal-width towers then fuse without projections
+                fresh = from_dict(FusionConfig, spec["fusion"])
+                fusion = replace(fresh, width=fresh.width or cfg.text.width,
                                  norm_eps=cfg.text.norm_eps, norm_first=True)
+                if fusion.width % fusion.heads:
+                    raise ConfigError(f"fusion.width={fusion.width} must be divisible by "
+                                      f"fusion.heads={fusion.heads}")
                 cfg = self.cfg = replace(cfg, fusion=fusion)
                 self.spec["model"] = to_dict(cfg)
             self.core = Combined(cfg, vocab_size)
             self.visual_tokens = "pixels"
             self.width = cfg.fusion.width
+            # grounded words (VCR) add their object's pooled image tokens to the word
+            # embeddings: across, when the towers' widths differ
+            t, v = cfg.text.width, cfg.vision.width
+            self.ground_proj = nn.Linear(v, t) if v != t else nn.Identity()
         else:
             raise ValueError(f"architecture {self.architecture!r} cannot be fine-tuned; "
                              f"expected one of {list(ARCHITECTURES)}")
@@ -229,7 +238,7 @@ class JointEncoder(nn.Module):
                 raise ValueError("grounded words need object_boxes")
             grid = towers.visual.embed.grid_size
             objects = self._pool_grid(image_tokens[:, 1:], grid, object_boxes, object_mask)
-            word_add = self._grounding(objects, token_objects)
+            word_add = self._grounding(self.ground_proj(objects), token_objects)
         # a causal text tower keeps its causal mask; captioning makes any tower causal
         text_tokens = towers.text.forward_features(ids, mask, causal=causal_text, add=word_add)
         return self.core.fuse(text_tokens, mask, image_tokens, causal_text=causal_text)

@@ -39,13 +39,16 @@ def prefix_lm_mask(n_text: int, seq_len: int, device=None) -> torch.Tensor:
 
 class MLMHead(nn.Module):
     """BERT's prediction head: dense + activation + LayerNorm, then the word embeddings
-    transposed (tied) plus a bias."""
+    transposed (tied) plus a bias. The dense layer maps the encoder's `width` to the word
+    embeddings' (the same in BERT; a fusion wider or narrower than the text tower that owns
+    the embeddings, as when fusing a published CLIP's towers, maps across)."""
 
     def __init__(self, width: int, act: str, norm_eps: float, word_embeddings: nn.Embedding):
         super().__init__()
-        self.dense = nn.Linear(width, width)
+        dim = word_embeddings.embedding_dim
+        self.dense = nn.Linear(width, dim)
         self.act = make_activation(act)
-        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.word_embeddings = word_embeddings  # shared, not a copy
         self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
 
