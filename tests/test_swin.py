@@ -385,3 +385,32 @@ def test_deepspeed_step_matches_plain_pytorch(world, tmp_path, stage, ckpt):
         torch.testing.assert_close(got[key].float(), value, rtol=1e-4, atol=1e-5, msg=key)
     tables = [k for k in want if k.endswith("rel_pos_embed")]
     assert len(tables) == 6 and all(not torch.equal(want[k], start[k]) for k in tables)
+
+
+# ------------------------------------------------------------------ end to end
+def test_pretrain_swin_dual_tower_end_to_end(tmp_path):
+    """`vlp pretrain` with a Swin image tower (a YAML config: key=value cannot give lists):
+    train, save, `vlp.load` and encode, a real run on a small shapes world."""
+    import vlp
+    from PIL import Image
+
+    from vlp.data.synth import generate
+
+    root = tmp_path / "shapes"
+    generate(root, images=48, val_images=16, benchmark_images=4, shard_size=12, progress=False)
+    cfg = tmp_path / "swin.yaml"
+    cfg.write_text("model:\n  embed_dim: 16\n  vision: {arch: swin, pool: mean, image_size: 60, "
+                   "patch_size: 4, width: 8, stage_depths: [2, 2], stage_heads: [1, 2], "
+                   "window_size: 4}\n  text: {width: 16, layers: 1, heads: 2}\n")
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", str(cfg), "--out", str(out), "--no-progress",
+                 f"data.train={root}/train", f"data.val={root}/val", "train.steps=2",
+                 "train.batch_size=8", "train.save_every=0", "tokenizer.vocab_size=120",
+                 "eval.batch_size=16"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 16 and 0.0 <= metrics["i2t_R@1"] <= 100.0
+    model = vlp.load(out / "model")
+    assert model.model.cfg.vision.arch == "swin"
+    assert list(model.model.cfg.vision.stage_depths) == [2, 2]
+    img = model.encode_image([Image.new("RGB", (60, 60), (200, 30, 30))])
+    assert img.shape == (1, 16) and torch.isfinite(img).all()

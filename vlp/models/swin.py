@@ -45,38 +45,63 @@ def window_and_shift(grid: tuple[int, int], window: int, shifted: bool) -> tuple
     return window, (window // 2 if shifted else 0)
 
 
-class WindowGroups:
-    """Swin's windows as `encoder.TokenGroups` for one block on a (H, W) token grid."""
+def _take(x: torch.Tensor, index: torch.Tensor, zero_row: bool) -> torch.Tensor:
+    """x[:, index] for x (B, n, C); with zero_row, index n reads a row of zeros."""
+    if zero_row:
+        x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)
+    return x.index_select(1, index)
 
-    def __init__(self, grid: tuple[int, int], window: int, shift: int):
-        self.H, self.W = grid
-        self.window, self.shift = window, shift
-        self.Hp = -(-self.H // window) * window  # padded up to a multiple of the window
-        self.Wp = -(-self.W // window) * window
+
+class _Regroup(torch.autograd.Function):
+    """Tokens moved by one gather: out = x[:, index] (index == n: a zero token); the backward
+    is the gather by `inverse`, the position each input token went to (zero for outputs that
+    are padding). Pad + cyclic shift + window partition as separate ops copy the activations
+    up to four times each way (torch.roll copies once per axis); this copies once."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, zero_forward: bool, zero_backward: bool):
+        ctx.save_for_backward(inverse)
+        ctx.zero_backward = zero_backward
+        return _take(x, index, zero_forward)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return _take(grad, inverse, ctx.zero_backward), None, None, None, None
+
+
+class WindowGroups:
+    """Swin's windows as `encoder.TokenGroups` for one block on a (H, W) token grid: the grid
+    padded with zeros (right/bottom) to multiples of the window, cyclically shifted up-left by
+    `shift`, cut into windows, all in one gather (`_Regroup`)."""
+
+    def __init__(self, grid: tuple[int, int], window: int, shift: int,
+                 device: torch.device | None = None):
+        self.H, self.W = H, W = grid
+        self.window, self.shift = w, s = window, shift
+        self.Hp, self.Wp = Hp, Wp = -(-H // w) * w, -(-W // w) * w  # padded
+        # window-layout position (window row, window col, row in window, col in window) ->
+        # its token in the padded grid before the shift, then in the (H, W) grid (H*W: padding)
+        rows = torch.arange(Hp, device=device).view(Hp // w, 1, w, 1)
+        cols = torch.arange(Wp, device=device).view(1, Wp // w, 1, w)
+        r, c = (rows + s) % Hp, (cols + s) % Wp  # roll(x, -s)[i] = x[(i + s) % P]
+        real = ((r < H) & (c < W)).expand(Hp // w, Wp // w, w, w).reshape(-1)
+        self.index = torch.where(real, (r * W + c).expand(Hp // w, Wp // w, w, w).reshape(-1),
+                                 H * W)  # (Hp*Wp,)
+        self.inverse = torch.empty(H * W, dtype=torch.long, device=device)  # (H*W,)
+        self.inverse[self.index[real]] = torch.arange(Hp * Wp, device=device)[real]
+        self.padded = Hp != H or Wp != W
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H*W, C) -> (B, windows, window*window, C), windows in row-major order."""
         B, _, C = x.shape
-        w, s = self.window, self.shift
-        x = x.view(B, self.H, self.W, C)
-        if self.Hp != self.H or self.Wp != self.W:
-            x = F.pad(x, (0, 0, 0, self.Wp - self.W, 0, self.Hp - self.H))  # zeros, right/bottom
-        if s:
-            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
-        x = x.view(B, self.Hp // w, w, self.Wp // w, w, C).transpose(2, 3)  # (B, nh, nw, w, w, C)
-        return x.reshape(B, -1, w * w, C)
+        x = _Regroup.apply(x, self.index, self.inverse, self.padded, False)  # (B, Hp*Wp, C)
+        return x.view(B, -1, self.window * self.window, C)
 
     def join(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, windows, window*window, C) -> (B, H*W, C)."""
+        """(B, windows, window*window, C) -> (B, H*W, C); the padding is dropped."""
         B, _, _, C = x.shape
-        w, s = self.window, self.shift
-        x = x.view(B, self.Hp // w, self.Wp // w, w, w, C).transpose(2, 3)  # (B, nh, w, nw, w, C)
-        x = x.reshape(B, self.Hp, self.Wp, C)
-        if s:
-            x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        if self.Hp != self.H or self.Wp != self.W:
-            x = x[:, :self.H, :self.W]
-        return x.reshape(B, self.H * self.W, C)
+        return _Regroup.apply(x.reshape(B, -1, C), self.inverse, self.index, False, self.padded)
 
     def shift_mask(self, device: torch.device | None = None) -> torch.Tensor | None:
         """(windows, 1, N, N) additive mask of a shifted block, None without shift.
@@ -224,7 +249,7 @@ class SwinStage(nn.Module):
             shifted = i % 2 == 1
             if shifted not in layouts:  # the same two layouts and shift masks for every pair
                 window, shift = window_and_shift(grid, self.window, shifted)
-                layouts[shifted] = WindowGroups(grid, window, shift)
+                layouts[shifted] = WindowGroups(grid, window, shift, x.device)
                 masks[shifted] = layouts[shifted].shift_mask(x.device)
             groups, mask = layouts[shifted], masks[shifted]
             bias = rel_pos(groups.window)  # (nh, N, N)
