@@ -241,6 +241,19 @@ def test_fp32_bf16_and_checkpointing_on_uneven_sizes():
     assert torch.isfinite(img).all()
 
 
+def test_training_and_inference_attention_paths_agree():
+    """With gradients the learned bias goes through attention_math (written out); without,
+    through SDPA (HF parity above): the same tokens."""
+    torch.manual_seed(0)
+    tower = VisionTower(_swin_cfg(**UNEVEN), 8)
+    x = torch.randn(2, 3, 52, 52)
+    with torch.no_grad():
+        sdpa = tower.forward_features(x)
+    math_path = tower.forward_features(x)
+    assert math_path.requires_grad
+    torch.testing.assert_close(math_path.detach(), sdpa, rtol=0, atol=1e-5)
+
+
 def test_any_resolution_runs_and_small_windows_read_the_table_centre():
     torch.manual_seed(0)
     tower = VisionTower(_swin_cfg(), 8).eval()
@@ -309,6 +322,9 @@ def test_config_validation_lists(tmp_path):
     with pytest.raises(ConfigError, match=r"stage_depths='\[2,2\]' must be a list of positive"):
         load_config(None, ["model.vision.arch=swin", "model.vision.pool=mean",
                            "model.vision.stage_depths=[2,2]"])
+    with pytest.raises(ConfigError, match="recipe=dual_tower only so far"):
+        load_config(None, ["model.vision.arch=swin", "model.vision.pool=mean",
+                           "recipe=single_stream"])
     # image sizes that are no multiple of the patch are fine for Swin (padded), not for ViT
     load_config(None, ["model.vision.arch=swin", "model.vision.pool=mean",
                        "model.vision.image_size=60"])

@@ -385,6 +385,10 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     v, t = cfg.model.vision, cfg.model.text
     if v.arch == "swin":
         _validate_swin(v)
+        if cfg.recipe != "dual_tower":
+            raise ConfigError(f"model.vision.arch=swin runs with recipe=dual_tower only so far "
+                              f"(recipe={cfg.recipe} takes ViT tokens); use model.vision.arch="
+                              "vit there")
     elif v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size={v.image_size} must be a multiple of "
                           f"model.vision.patch_size={v.patch_size}")

@@ -156,7 +156,12 @@ class Attention(nn.Module):
         # into the (..., L, 3, nh, hs) layout of the qkv output. (Unbinding a permuted
         # (3, B, nh, L, hs) view instead costs an extra copy of that gradient per layer.)
         q, k, v = (t.transpose(-3, -2) for t in qkv.unbind(-3))  # each (..., nh, L, hs), strided
-        if x.device.type == "cpu" and q.dtype == torch.bfloat16 and L <= MATH_ATTENTION_MAX_LEN:
+        if x.device.type == "cpu" and (
+                (q.dtype == torch.bfloat16 and L <= MATH_ATTENTION_MAX_LEN)
+                # a learned additive bias (Swin's relative positions): SDPA has no fused CPU
+                # kernel that returns the mask's gradient, and its composite fallback wants the
+                # bias expanded over the whole batch; written out, the bias broadcasts
+                or (attn_mask is not None and attn_mask.requires_grad)):
             y = attention_math(q, k, v, attn_mask, is_causal)  # see its docstring for why
         else:
             if attn_mask is not None and attn_mask.dtype != torch.bool:
