@@ -430,3 +430,40 @@ def test_pretrain_swin_dual_tower_end_to_end(tmp_path):
     assert list(model.model.cfg.vision.stage_depths) == [2, 2]
     img = model.encode_image([Image.new("RGB", (60, 60), (200, 30, 30))])
     assert img.shape == (1, 16) and torch.isfinite(img).all()
+
+
+def test_convert_4x_checkpoints(tmp_path):
+    """transformers 4.x files: a stored relative_position_index is checked (a wrong one is
+    refused), and a table 4.x shrank to a small stage grid's window lands at our centre."""
+    from safetensors.torch import load_file, save_file
+
+    from vlp.convert.hf_swin import from_hf_swin
+
+    hf = _random_hf(transformers.SwinModel, image_size=64, patch_size=4, embed_dim=8,
+                    depths=[2, 2, 2, 2], num_heads=[1, 1, 2, 2], window_size=4)
+    hf.save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(path))
+    from transformers.models.swin.modeling_swin import SwinRelativePositionBias
+
+    # what 4.x stored: (16, 16) for window 4, and (4, 4) in stage 3 (window 2, below)
+    index = SwinRelativePositionBias(1, (4, 4))._create_relative_position_index()
+    for s in range(4):
+        for j in range(2):
+            state[f"encoder.layers.{s}.blocks.{j}.attention.self.relative_position_index"] = \
+                (index if s < 3 else
+                 SwinRelativePositionBias(1, (2, 2))._create_relative_position_index()).clone()
+    # stage 3 runs on a 2x2 grid: 4.x built its blocks with window 2, a (3*3, heads) table
+    small = {j: torch.randn(9, 2) for j in range(2)}
+    for j in range(2):
+        state[f"encoder.layers.3.blocks.{j}.attention.self.relative_position_bias_table"] = small[j]
+    save_file(state, str(path), metadata={"format": "pt"})
+    _, ours, _ = read_vision_tower(from_hf_swin(tmp_path / "hf", tmp_path / "tower"))
+    for j in range(2):
+        table = ours[f"swin.stages.3.rel_pos.{j}.rel_pos_embed"].view(7, 7, 2)
+        torch.testing.assert_close(table[2:5, 2:5].reshape(9, 2), small[j], rtol=0, atol=0)
+        assert table.abs().sum() == table[2:5, 2:5].abs().sum()  # zeros around it
+    state["encoder.layers.1.blocks.0.attention.self.relative_position_index"] = index.flip(0)
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="is not Swin's relative position index"):
+        from_hf_swin(tmp_path / "hf", tmp_path / "tower2")
