@@ -129,7 +129,7 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return scores.softmax(dim=-1) @ v
     if attn_mask.dtype != torch.bool:
         # the bias is rounded to the scores' dtype (bf16) like the scores themselves: an fp32
-        # add and softmax over (B, windows, nh, N, N) cost Swin-T's bf16 attention up to 2x
+        # add and softmax over (B, windows, nh, N, N) would be a large part of the attention
         return (scores + attn_mask.to(scores.dtype)).softmax(dim=-1) @ v
     probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
     # a fully masked row is NaN after the softmax; SDPA returns zeros there, and so do we
@@ -168,8 +168,8 @@ class Attention(nn.Module):
                 attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in q's dtype
             if len(lead) > 1:
                 # SDPA's fused kernels take (B, nh, L, hs) only (5-D inputs fall back to its
-                # slow composite path, 2-7x slower here): fold the group dims into the batch
-                # (a view) and give the mask that batch
+                # slower composite path): fold the group dims into the batch (a view) and give
+                # the mask that batch
                 q, k, v = (t.flatten(0, -4) for t in (q, k, v))  # (B * G, nh, L, hs)
                 if attn_mask is not None:
                     attn_mask = attn_mask.expand(*lead, self.heads, L, L).flatten(0, -4)
