@@ -128,8 +128,12 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if attn_mask is None:
         return scores.softmax(dim=-1) @ v
     if attn_mask.dtype != torch.bool:
-        # the bias is rounded to the scores' dtype (bf16) like the scores themselves: an fp32
-        # add and softmax over (B, windows, nh, N, N) would be a large part of the attention
+        if scores.dtype == torch.bfloat16 and scores.shape[-1] < 32:
+            # rows shorter than one AVX-512 register of bf16 (Swin's 4x4 windows): the CPU's
+            # bf16 softmax is slower there than an fp32 one (bench/README.md, Swin)
+            return (scores.float() + attn_mask).softmax(dim=-1).to(v.dtype) @ v
+        # otherwise the bias is rounded to the scores' dtype (bf16) like the scores themselves:
+        # an fp32 add and softmax over (B, windows, nh, N, N) would be a large part of the work
         return (scores + attn_mask.to(scores.dtype)).softmax(dim=-1) @ v
     probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
     # a fully masked row is NaN after the softmax; SDPA returns zeros there, and so do we
