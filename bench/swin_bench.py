@@ -184,7 +184,8 @@ def part_hf(a: argparse.Namespace) -> dict:
             r["samples_s"] = {k: B / v for k, v in r["median"].items()}
             results[f"{shape}/{precision}"] = r
     print("\nratio = ours / SwinModel samples/s (median of per-round ratios)")
-    print("| shape | precision | ours samples/s | SwinModel samples/s | ratio |\n|---|---|---|---|---|")
+    print("| shape | precision | ours samples/s | SwinModel samples/s | ratio |\n"
+          "|---|---|---|---|---|")
     for key, r in results.items():
         shape, precision = key.split("/")
         print(f"| {shape} | {precision} | {r['samples_s']['ours']:.1f} | "

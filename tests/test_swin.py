@@ -12,7 +12,7 @@ from vlp.cli import main
 from vlp.config import ConfigError, ModelConfig, TextConfig, TrainConfig, VisionConfig, \
     load_config
 from vlp.models import DualTower
-from vlp.models.swin import RelativePositionBias, SwinStage, SwinTransformer, resample_table
+from vlp.models.swin import RelativePositionBias, SwinStage, resample_table
 from vlp.models.towers import VisionTower, init_vision_tower, read_vision_tower, \
     save_vision_tower
 from vlp.objectives import clip_loss

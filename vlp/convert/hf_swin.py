@@ -5,20 +5,21 @@
 index or pytorch_model.bin; optional preprocessor_config.json) and writes OUT as a vision-tower
 directory (`vlp.models.towers.save_vision_tower`): config.json {"architecture":
 "vision_tower", "vision": the VisionConfig, "transform": the image settings, "source"} and
-model.safetensors with the tower's weights but its projection. `init_vision_tower(tower, OUT)`
+model.safetensors with the tower's weights except its projection. `init_vision_tower(tower, OUT)`
 loads it into a `VisionTower` of the same architecture (a dual tower's image side, say); the
 classifier head of SwinForImageClassification is dropped. transformers is not imported.
 
-The architectures line up as (HF -> ours, HF's prefix `swin.` optional):
+The architectures line up as (HF -> ours, HF's prefix `swin.` optional; s = stage, j = block):
     embeddings.patch_embeddings.projection   -> swin.embed.proj
     embeddings.norm                          -> swin.embed.norm
-    encoder.layers.s.blocks.j.layernorm_before / layernorm_after -> swin.stages.s.blocks.j.ln_1 / ln_2
+    encoder.layers.s.blocks.j.               -> swin.stages.s.blocks.j.
+      layernorm_before / layernorm_after     -> ln_1 / ln_2
       attention.{q,k,v}_proj (5.x) or attention.self.{query,key,value} (4.x, and what 5.x's
       save_pretrained writes)                -> attn.qkv (rows q|k|v)
       attention.o_proj / attention.output.dense                    -> attn.proj
-      attention.relative_position_bias.relative_position_bias_table /
-      attention.self.relative_position_bias_table                  -> swin.stages.s.rel_pos.j.rel_pos_embed
       mlp.fc1, mlp.fc2 / intermediate.dense, output.dense          -> mlp.fc1, mlp.fc2
+      attention.relative_position_bias.relative_position_bias_table (5.x) /
+      attention.self.relative_position_bias_table (4.x) -> swin.stages.s.rel_pos.j.rel_pos_embed
     encoder.layers.s.downsample.{norm,reduction} -> swin.merges.s.{norm,reduction}
     layernorm                                -> swin.norm   (pooler_output: the tokens' mean)
 A stored relative_position_index (4.x) is checked against ours. A table trained for a smaller
@@ -28,7 +29,6 @@ offsets. qkv_bias=false loads zero q/k/v biases.
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 
@@ -53,7 +53,8 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}
 
 # 4.x names (and what 5.x's save_pretrained writes) -> 5.x's in-memory names
-_LEGACY = [("attention.self.query.", "attention.q_proj."), ("attention.self.key.", "attention.k_proj."),
+_LEGACY = [("attention.self.query.", "attention.q_proj."),
+           ("attention.self.key.", "attention.k_proj."),
            ("attention.self.value.", "attention.v_proj."),
            ("attention.self.relative_position_bias_table",
             "attention.relative_position_bias.relative_position_bias_table"),
@@ -61,8 +62,6 @@ _LEGACY = [("attention.self.query.", "attention.q_proj."), ("attention.self.key.
             "attention.relative_position_bias.relative_position_index"),
            ("attention.output.dense.", "attention.o_proj."), ("intermediate.dense.", "mlp.fc1."),
            ("output.dense.", "mlp.fc2.")]
-_BLOCK = re.compile(r"^encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
-_MERGE = re.compile(r"^encoder\.layers\.(\d+)\.downsample\.(norm|reduction)\.(weight|bias)$")
 
 
 def _square(value, key: str, path: Path) -> int:
