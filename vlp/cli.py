@@ -22,6 +22,7 @@
     vlp convert hf-clip SRC_DIR OUT_DIR          (a local Hugging Face CLIPModel folder -> vlp)
     vlp convert to-hf-clip MODEL_DIR OUT_DIR     (a vlp dual tower -> CLIPModel folder)
     vlp convert open-clip STATE.safetensors OUT_DIR --config MODEL.json --tokenizer TOK
+    vlp convert hf-swin SRC_DIR OUT_DIR          (a local HF Swin folder -> vision-tower dir)
     vlp index build --model DIR --data SHARDS --out INDEX_DIR [--text] [--batch-size N]
         [--chunk-size N] [--max-memory 4GB] [--index-type auto|flat|hnsw|ivf|ivf-hnsw|ivf-pq|
         opq-pq|FAISS_FACTORY]   (a rerun resumes a killed build; written chunks are kept)
@@ -230,6 +231,12 @@ def _cmd_convert_open_clip(args: argparse.Namespace) -> int:
 
     return _convert("open-clip", from_open_clip, args.state, args.out, args.config,
                     args.tokenizer)
+
+
+def _cmd_convert_hf_swin(args: argparse.Namespace) -> int:
+    from vlp.convert.hf_swin import from_hf_swin
+
+    return _convert("hf-swin", from_hf_swin, args.src, args.out)
 
 
 def _report(metrics: dict, table: str, out: str | None) -> None:
@@ -542,6 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="bpe_simple_vocab_16e6.txt.gz, a "
                    "tokenizer.json, or a folder with tokenizer.json / vocab.json + merges.txt")
     p.set_defaults(func=_cmd_convert_open_clip)
+    p = conv.add_parser("hf-swin", help="Hugging Face SwinModel / SwinForImageClassification "
+                        "folder -> vlp vision-tower directory")
+    p.add_argument("src", help="folder with config.json (model_type swin) and model.safetensors "
+                   "(or pytorch_model.bin); preprocessor_config.json optional")
+    p.add_argument("out", help="vision-tower directory to write (config.json + "
+                   "model.safetensors; vlp.models.towers.init_vision_tower reads it)")
+    p.set_defaults(func=_cmd_convert_hf_swin)
 
     idx = sub.add_parser("index", help="retrieval indexes (faiss)").add_subparsers(
         dest="index_cmd", required=True)

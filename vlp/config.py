@@ -37,15 +37,22 @@ class EncoderConfig:
 
 @dataclass
 class VisionConfig(EncoderConfig):
-    """Image tower: PatchEmbed + the unified Transformer."""
+    """Image tower: PatchEmbed + the unified Transformer (vit), or a Swin Transformer built from
+    its blocks (swin: vlp/models/swin.py)."""
 
+    arch: Literal["vit", "swin"] = "vit"
     image_size: int = 64
     patch_size: int = 8
-    pos_embed: Literal["learned", "sincos"] = "learned"
-    pool: Literal["cls", "mean"] = "cls"
+    pos_embed: Literal["learned", "sincos"] = "learned"  # vit only
+    pool: Literal["cls", "mean"] = "cls"  # swin has no class token: pool=mean
     # a LayerNorm on the embeddings before the first block (CLIP's `ln_pre` / HF's
-    # `pre_layrnorm`); needed to load or export CLIP weights
+    # `pre_layrnorm`); needed to load or export CLIP weights. vit only (Swin always has one)
     pre_norm: bool = False
+    # swin only: `width` is the first stage's, doubled at every stage; `layers` and `heads` are
+    # vit's. Images need not be a multiple of the patch or the windows (padded, as Swin does).
+    stage_depths: tuple[int, ...] = (2, 2, 6, 2)
+    stage_heads: tuple[int, ...] = (4, 8, 16, 32)
+    window_size: int = 7
 
 
 @dataclass
@@ -444,10 +451,18 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     if not isinstance(cfg, PretrainConfig):
         return
     v, t = cfg.model.vision, cfg.model.text
-    if v.image_size % v.patch_size:
+    if v.arch == "swin":
+        _validate_swin(v)
+        if cfg.recipe != "dual_tower":
+            raise ConfigError(f"model.vision.arch=swin runs with recipe=dual_tower only so far "
+                              f"(recipe={cfg.recipe} takes ViT tokens); use model.vision.arch="
+                              "vit there")
+    elif v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size={v.image_size} must be a multiple of "
                           f"model.vision.patch_size={v.patch_size}")
     for name, tower in (("vision", v), ("text", t)):
+        if name == "vision" and v.arch == "swin":
+            continue  # its stages' heads are checked above
         if tower.width % tower.heads:
             raise ConfigError(f"model.{name}.width={tower.width} must be divisible by "
                               f"model.{name}.heads={tower.heads}")
@@ -505,6 +520,30 @@ def _validate_train(t: TrainConfig) -> None:
             valid = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high < math.inf
                                                          else "")
             raise ConfigError(f"train.{key}={value} is not valid: a finite number {valid}")
+
+
+def _validate_swin(v: VisionConfig) -> None:
+    for key in ("stage_depths", "stage_heads"):
+        value = getattr(v, key)
+        if not (isinstance(value, (list, tuple)) and value and all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
+            # key=value lists arrive as text (parse_overrides keeps them raw)
+            raise ConfigError(f"model.vision.{key}={value!r} must be a list of positive ints, "
+                              "one per stage, e.g. [2, 2, 6, 2] (set it in the YAML file)")
+    if len(v.stage_depths) != len(v.stage_heads):
+        raise ConfigError(f"model.vision.stage_depths={list(v.stage_depths)} and "
+                          f"model.vision.stage_heads={list(v.stage_heads)} need one entry per "
+                          "stage each")
+    for s, heads in enumerate(v.stage_heads):
+        if (v.width * 2 ** s) % heads:
+            raise ConfigError(f"model.vision.stage_heads[{s}]={heads} must divide stage {s}'s "
+                              f"width {v.width * 2 ** s} (model.vision.width={v.width} * 2^{s})")
+    for key in ("window_size", "patch_size", "image_size"):
+        if getattr(v, key) <= 0:
+            raise ConfigError(f"model.vision.{key}={getattr(v, key)} must be > 0")
+    if v.pool != "mean":
+        raise ConfigError("model.vision.pool=cls: a Swin tower has no class token; set "
+                          "model.vision.pool=mean (its tokens are averaged, as Swin does)")
 
 
 def _validate_finetune(cfg: FinetuneConfig) -> None:

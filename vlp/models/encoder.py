@@ -4,13 +4,16 @@ short sequences take the same attention written out instead: see `attention_math
 into it (vlp/models/bert_init.py).
 
 Every tower (image, text) and the joint single-stream model use this module; what differs
-between them is only the embedding in front and the attention mask passed in. Masks are boolean
-with True = "may attend" (SDPA's convention), shaped to broadcast to (B, heads, L, L).
+between them is only the embedding in front and the attention mask passed in. A mask is either
+boolean with True = "may attend" (SDPA's convention) or a float tensor added to the attention
+scores (an additive bias: Swin's relative position bias plus its shifted-window mask), shaped to
+broadcast to (..., heads, L, L). A block can also attend within groups of tokens instead of over
+the whole sequence (`TokenGroups`: Swin's windows), so Swin is built from this same block.
 """
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -105,8 +108,9 @@ MATH_ATTENTION_MAX_LEN = 256
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) v written out; same semantics as SDPA (a bool mask, True = may
-    attend; a query that may attend no key gets zeros). q, k, v: (B, nh, L, hs).
+    """softmax(q k^T / sqrt(hs) + bias) v written out; same semantics as SDPA (a bool mask, True =
+    may attend, a query that may attend no key gets zeros; or a float mask added to the scores).
+    q, k, v: (..., nh, L, hs).
 
     Why it exists: on CPU in bf16, SDPA's fused kernel (aten::_scaled_dot_product_flash_
     attention_for_cpu) is slow for short sequences, its backward above all. Measured here
@@ -123,6 +127,14 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return scores.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v
     if attn_mask is None:
         return scores.softmax(dim=-1) @ v
+    if attn_mask.dtype != torch.bool:
+        if scores.dtype == torch.bfloat16 and scores.shape[-1] < 32:
+            # rows shorter than one AVX-512 register of bf16 (Swin's 4x4 windows): the CPU's
+            # bf16 softmax is slower there than an fp32 one (bench/README.md, Swin)
+            return (scores.float() + attn_mask).softmax(dim=-1).to(v.dtype) @ v
+        # otherwise the bias is rounded to the scores' dtype (bf16) like the scores themselves:
+        # an fp32 add and softmax over (B, windows, nh, N, N) would be a large part of the work
+        return (scores + attn_mask.to(scores.dtype)).softmax(dim=-1) @ v
     probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
     # a fully masked row is NaN after the softmax; SDPA returns zeros there, and so do we
     return probs.masked_fill(~attn_mask, 0.0) @ v
@@ -139,17 +151,34 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
-        B, L, C = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.heads, C // self.heads)  # (B, L, 3, nh, hs)
+        """x: (..., L, C) -> (..., L, C); the leading dims are batch dims (Swin: (B, windows)).
+        attn_mask: bool (True = may attend) or float (added to the scores), broadcasting to
+        (..., nh, L, L)."""
+        *lead, L, C = x.shape
+        qkv = self.qkv(x).view(*lead, L, 3, self.heads, C // self.heads)  # (..., L, 3, nh, hs)
         # Split on the qkv axis, then transpose views: the backward stacks dq, dk, dv straight
-        # into the (B, L, 3, nh, hs) layout of the qkv output. (Unbinding a permuted
+        # into the (..., L, 3, nh, hs) layout of the qkv output. (Unbinding a permuted
         # (3, B, nh, L, hs) view instead costs an extra copy of that gradient per layer.)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, nh, L, hs), strided
-        if x.device.type == "cpu" and q.dtype == torch.bfloat16 and L <= MATH_ATTENTION_MAX_LEN:
+        q, k, v = (t.transpose(-3, -2) for t in qkv.unbind(-3))  # each (..., nh, L, hs), strided
+        if x.device.type == "cpu" and (
+                (q.dtype == torch.bfloat16 and L <= MATH_ATTENTION_MAX_LEN)
+                # a learned additive bias (Swin's relative positions): SDPA has no fused CPU
+                # kernel that returns the mask's gradient, and its composite fallback wants the
+                # bias expanded over the whole batch; written out, the bias broadcasts
+                or (attn_mask is not None and attn_mask.requires_grad)):
             y = attention_math(q, k, v, attn_mask, is_causal)  # see its docstring for why
         else:
+            if attn_mask is not None and attn_mask.dtype != torch.bool:
+                attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in q's dtype
+            if len(lead) > 1:
+                # SDPA's fused kernels take (B, nh, L, hs) only (5-D inputs fall back to its
+                # slower composite path): fold the group dims into the batch (a view) and give
+                # the mask that batch
+                q, k, v = (t.flatten(0, -4) for t in (q, k, v))  # (B * G, nh, L, hs)
+                if attn_mask is not None:
+                    attn_mask = attn_mask.expand(*lead, self.heads, L, L).flatten(0, -4)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        y = y.transpose(1, 2).reshape(B, L, C)  # (B, L, C)
+        y = y.transpose(-3, -2).reshape(*lead, L, C)  # (..., L, C)
         return self.proj(y)
 
 
@@ -165,10 +194,25 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class TokenGroups(Protocol):
+    """Attention within groups of tokens instead of over the whole sequence (Swin's windows).
+
+    `split` (B, L, C) -> (B, G, N, C) runs between the block's norm and its attention (so tokens
+    it adds, such as Swin's zero padding, enter the attention as zeros, as in Swin); `join`
+    (B, G, N, C) -> (B, L, C) undoes it before the residual sum. The MLP sees the L tokens.
+    """
+
+    def split(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def join(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class Block(nn.Module):
-    """Residual block. Pre-LN (norm_first=True, GPT-2/CLIP/ViT): x + attn(ln_1(x)), then
+    """Residual block. Pre-LN (norm_first=True, GPT-2/CLIP/ViT/Swin): x + attn(ln_1(x)), then
     x + mlp(ln_2(x)). Post-LN (norm_first=False, BERT): ln_1(x + attn(x)), then
     ln_2(x + mlp(x)); ln_1/ln_2 are BERT's attention.output.LayerNorm / output.LayerNorm.
+    With `groups`, the attention runs within each group (see TokenGroups) and `attn_mask` is
+    per group, e.g. an additive (G, nh, N, N) bias.
     """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, norm_eps: float,
@@ -181,12 +225,18 @@ class Block(nn.Module):
         self.mlp = MLP(width, mlp_ratio, act)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+                is_causal: bool = False, groups: TokenGroups | None = None) -> torch.Tensor:
         if self.norm_first:
-            x = x + self.attn(self.ln_1(x), attn_mask, is_causal)
+            x = x + self._attend(self.ln_1(x), attn_mask, is_causal, groups)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, attn_mask, is_causal))
+        x = self.ln_1(x + self._attend(x, attn_mask, is_causal, groups))
         return self.ln_2(x + self.mlp(x))
+
+    def _attend(self, h: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
+                groups: TokenGroups | None) -> torch.Tensor:
+        if groups is None:
+            return self.attn(h, attn_mask, is_causal)
+        return groups.join(self.attn(groups.split(h), attn_mask, is_causal))
 
 
 class Transformer(nn.Module):

@@ -1,19 +1,30 @@
 """Towers built from the embeddings and the one Transformer.
 
-DualTower (CLIP style): an image encoder and a text encoder, each followed by a linear projection
-into a shared embedding space, and a learnable logit scale (temperature).
+DualTower (CLIP style): an image encoder (ViT or Swin, `model.vision.arch`) and a text encoder,
+each followed by a linear projection into a shared embedding space, and a learnable logit scale
+(temperature).
+
+A vision-tower directory (`save_vision_tower` / `init_vision_tower`) holds one image encoder on
+its own, e.g. converted from a Hugging Face Swin: config.json {"format_version",
+"architecture": "vision_tower", "vision": VisionConfig, "transform": image settings, "source"}
+and model.safetensors, the VisionTower's state dict without its projection `proj.weight` (a
+published backbone has none; the model it initialises keeps its own).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.config import EncoderConfig, ModelConfig, TextConfig, VisionConfig
+from vlp.config import ConfigError, EncoderConfig, ModelConfig, TextConfig, VisionConfig, \
+    from_dict, to_dict
 from vlp.models.embed import PatchEmbed, TextEmbed
 from vlp.models.encoder import Transformer, build_attention_mask
+from vlp.models.swin import SwinFeatures, SwinTransformer
 
 
 def build_transformer(cfg: EncoderConfig) -> Transformer:
@@ -21,27 +32,132 @@ def build_transformer(cfg: EncoderConfig) -> Transformer:
 
 
 class VisionTower(nn.Module):
+    """The image encoder, chosen by `cfg.arch`: a ViT (PatchEmbed + the one Transformer; tokens
+    with the class token first) or a Swin Transformer (vlp/models/swin.py; its final stage's
+    tokens, no class token), then a linear projection of the pooled tokens."""
+
     def __init__(self, cfg: VisionConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
-        self.embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.width, class_token=True,
-                                pos_embed=cfg.pos_embed)
-        # CLIP's ln_pre; an Identity (no parameters) otherwise, so older checkpoints still load
-        self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()
-        self.transformer = build_transformer(cfg)
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=cfg.width ** -0.5)
+        if cfg.arch == "swin":
+            self.swin = SwinTransformer(cfg.width, cfg.stage_depths, cfg.stage_heads,
+                                        patch_size=cfg.patch_size, window_size=cfg.window_size,
+                                        mlp_ratio=cfg.mlp_ratio, act=cfg.act,
+                                        norm_eps=cfg.norm_eps)
+            self.width = self.swin.out_width
+        elif cfg.arch == "vit":
+            self.embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.width, class_token=True,
+                                    pos_embed=cfg.pos_embed)
+            # CLIP's ln_pre; an Identity (no parameters) otherwise, so older checkpoints load
+            self.ln_pre = (nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm
+                           else nn.Identity())
+            self.transformer = build_transformer(cfg)
+            self.width = cfg.width
+        else:
+            raise ValueError(f"unknown model.vision.arch {cfg.arch!r}; choose vit or swin")
+        self.proj = nn.Linear(self.width, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=self.width ** -0.5)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        if self.cfg.arch == "swin":
+            self.swin.set_grad_checkpointing(enabled)
+        else:
+            self.transformer.grad_checkpointing = enabled
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 1 + num_patches, width) token states."""
+        """(B, 3, H, W) -> token states: vit (B, 1 + num_patches, width), class token first;
+        swin (B, h * w, width of the last stage), its final grid row-major."""
+        if self.cfg.arch == "swin":
+            return self.swin(pixel_values)
         return self.transformer(self.ln_pre(self.embed(pixel_values)))
 
+    def forward_stages(self, pixel_values: torch.Tensor) -> SwinFeatures:
+        """swin only: every stage's tokens with their grids and strides, and the final tokens
+        (SwinFeatures: `feature_map(s)` for RoIAlign, `positions()` for 2-D positions)."""
+        if self.cfg.arch != "swin":
+            raise ValueError("forward_stages needs model.vision.arch=swin (a ViT has one stage: "
+                             "forward_features)")
+        return self.swin.forward_stages(pixel_values)
+
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
-        pooled = tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, 1:].mean(dim=1)
+        if self.cfg.arch == "swin":
+            pooled = tokens.mean(dim=1)  # Swin's average pool (HF's SwinModel pooler_output)
+        else:
+            pooled = tokens[:, 0] if self.cfg.pool == "cls" else tokens[:, 1:].mean(dim=1)
         return self.proj(pooled)  # (B, embed_dim)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(pixel_values))
+
+
+VISION_TOWER_FORMAT_VERSION = 1
+# what must agree between a vision-tower directory and the tower it initialises (image_size and
+# window_size may differ: the weights do not depend on them, but a ViT's learned positions do)
+_ARCH_KEYS = {"vit": ("width", "layers", "heads", "mlp_ratio", "act", "patch_size", "pos_embed",
+                      "pre_norm", "image_size"),
+              "swin": ("width", "stage_depths", "stage_heads", "mlp_ratio", "act", "patch_size")}
+
+
+def save_vision_tower(tower: VisionTower, out: str | Path, transform: dict,
+                      source: dict | None = None) -> Path:
+    """Write `tower` (without its projection) as a vision-tower directory `out`; `transform`
+    is the image settings (ImageTransform.to_dict())."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"format_version": VISION_TOWER_FORMAT_VERSION, "architecture": "vision_tower",
+              "vision": to_dict(tower.cfg), "transform": transform, "source": source or {}}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in tower.state_dict().items()
+             if k != "proj.weight"}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def read_vision_tower(path: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor], dict]:
+    """(VisionConfig, weights, the whole config.json) of a vision-tower directory."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    missing = [n for n in ("config.json", "model.safetensors") if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a vision-tower directory: missing "
+                                f"{', '.join(missing)} (`vlp convert hf-swin` writes one)")
+    config = json.loads((path / "config.json").read_text())
+    if config.get("architecture") != "vision_tower":
+        raise ValueError(f"{path}/config.json: architecture {config.get('architecture')!r}; "
+                         "expected 'vision_tower'")
+    if config.get("format_version", 0) > VISION_TOWER_FORMAT_VERSION:
+        raise ValueError(f"{path}/config.json: format_version {config['format_version']} is "
+                         f"newer than this vlp reads ({VISION_TOWER_FORMAT_VERSION})")
+    try:
+        vision = from_dict(VisionConfig, config["vision"])
+    except ConfigError as e:
+        raise ValueError(f"{path}/config.json: {e}") from None
+    return vision, load_file(str(path / "model.safetensors")), config
+
+
+def init_vision_tower(tower: VisionTower, path: str | Path) -> VisionConfig:
+    """Load a vision-tower directory's weights into `tower` (everything but its projection).
+    The architecture must match (`_ARCH_KEYS`, named when not); the image size and, for Swin,
+    the window size may differ (relative position tables are resampled bicubically). Returns
+    the directory's VisionConfig."""
+    saved, state, _ = read_vision_tower(path)
+    if saved.arch != tower.cfg.arch:
+        raise ValueError(f"{path}: a {saved.arch} tower cannot initialise "
+                         f"model.vision.arch={tower.cfg.arch}")
+    for key in _ARCH_KEYS[saved.arch]:
+        a, b = getattr(saved, key), getattr(tower.cfg, key)
+        if (list(a) if isinstance(a, (list, tuple)) else a) != \
+                (list(b) if isinstance(b, (list, tuple)) else b):
+            raise ValueError(f"{path}: vision.{key}={a!r} but model.vision.{key}={b!r}; set "
+                             f"model.vision.{key}={a!r} to start from these weights")
+    missing, unexpected = tower.load_state_dict(state, strict=False)
+    if unexpected or set(missing) != {"proj.weight"}:
+        raise ValueError(f"{path}: weights do not fit the tower (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return saved
 
 
 class TextTower(nn.Module):
@@ -112,7 +228,7 @@ class DualTower(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.visual.transformer.grad_checkpointing = enabled
+        self.visual.set_grad_checkpointing(enabled)
         self.text.transformer.grad_checkpointing = enabled
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
