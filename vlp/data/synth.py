@@ -625,8 +625,9 @@ class _RefCOCOWriter:
         refcoco/refs(unc).p       one ref per object of a scene with 2-3 objects, 1-3
                                   sentences each (`referring_expressions`), pickled plain data
         refcoco/refs(unc).json    the same refs as JSON
-        refcoco/dets/{image}.npz  `simulated_detections`: boxes, scores and the same
-                                  thumb8_meanstd features as the gt-box region files
+        refcoco/dets/{image}.npz  `simulated_detections` of every benchmark image: boxes,
+                                  scores and the same thumb8_meanstd features as the gt-box
+                                  region files
 
     Splits follow the benchmark's (by image): train + restval -> train, val -> val; test
     images with 3 objects -> testA, with 2 -> testB (RefCOCO's testA / testB split people
@@ -641,6 +642,7 @@ class _RefCOCOWriter:
 
     def add(self, index: int, image_id: int, file_name: str, split: str, scene: Scene) -> None:
         objects = list(scene.objects)
+        self._detections(index, image_id, scene)
         if len(objects) < 2:
             return
         if split in ("train", "restval"):
@@ -672,8 +674,10 @@ class _RefCOCOWriter:
                 f"{image_id:012d}_{ann_id}.jpg", "ann_id": ann_id, "ref_id": len(self.refs),
                 "image_id": image_id, "split": split, "sentences": sentences,
                 "category_id": SHAPES.index(o.shape) + 1})
+
+    def _detections(self, index: int, image_id: int, scene: Scene) -> None:
         rng = scene_rng(self.seed, "benchmark", index, stream=4)
-        dets = simulated_detections(objects, rng, self.image_size)
+        dets = simulated_detections(list(scene.objects), rng, self.image_size)
         image = Image.open(io.BytesIO(scene.jpeg))
         boxes = [b for b, _ in dets]
         _write(self.folder / "dets" / f"{image_id:012d}.npz", _npz_bytes({
