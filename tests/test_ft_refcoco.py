@@ -356,3 +356,23 @@ def test_vlp_eval_refcoco_model_mode(ft_world, pretrained, tmp_path):
         pytest.approx(run["refcoco_gt_testA"])
     assert main(["eval", "refcoco", "--model", str(out / "model"), "--data",
                  str(ft_world / "benchmarks"), "--split", "testC", "--no-progress"]) == 2
+
+
+def test_finetune_refuses_a_hostile_refs_file(ft_world, pretrained, tmp_path, capsys):
+    """`vlp finetune refcoco` on refs that would run a command: one line naming it, nothing
+    run, no training."""
+    marker = tmp_path / "ran"
+    refs = load_refs(_refcoco(ft_world) / "refs(unc).json")
+    refs[0]["sentences"][0]["tokens"] = _Shell(f"touch {marker}")
+    hostile = tmp_path / "refs(unc).p"
+    hostile.write_bytes(pickle.dumps(refs, protocol=2))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["finetune", "refcoco", "--out", str(out), "--no-progress",
+                 f"init_from={pretrained('regions')}", f"data.synth_dir={ft_world}",
+                 f"refcoco.refs={hostile}",
+                 f"refcoco.instances={_refcoco(ft_world) / 'instances.json'}", *FT]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and re.search(r"refused: it asks for (posix|nt)\.system", errors[0])
+    assert str(hostile) in errors[0]
+    assert not marker.exists() and not (out / "checkpoints").exists()

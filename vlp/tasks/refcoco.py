@@ -42,6 +42,7 @@ from tqdm import tqdm
 from vlp.config import ConfigError, FinetuneConfig
 from vlp.data.batch import Batch
 from vlp.data.refer import Refer, read_boxes_file, split_matches
+from vlp.data.transforms import to_pil_rgb
 from vlp.data.visual import VisualError, collate_visual
 from vlp.eval.refcoco_metric import box_iou, evaluate_refcoco, format_table, oracle_accuracy, \
     random_candidate_accuracy, xywh_to_xyxy, xyxy_to_xywh
@@ -154,7 +155,10 @@ class RefCOCOTask(FinetuneTask):
         refs = Path(r.refs or root / REFS_FILE)
         instances = Path(r.instances or refs.parent / "instances.json")
         self.files = {"refs": refs, "instances": instances}
-        self.refer = Refer.from_files(refs, instances)
+        try:
+            self.refer = Refer.from_files(refs, instances)
+        except ValueError as e:  # a refused pickle, a missing field: one line, before training
+            raise ConfigError(str(e)) from None
         self.images = Path(cfg.data.images or root / "images")
         dets = Path(r.dets or root / "refcoco" / "dets")
         if r.dets and not dets.is_dir():
@@ -363,8 +367,6 @@ class RefCOCOModel:
         candidates; rows whose box has no area inside the image are dropped first, as the
         reader does); patch and fused backbones take the candidates' `boxes`
         ([[x1, y1, x2, y2], ...] in pixels)."""
-        from vlp.data.transforms import to_pil_rgb
-
         image = Path(image) if isinstance(image, (str, Path)) else to_pil_rgb(image)
         if self.regions:
             if boxes is not None:
