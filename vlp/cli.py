@@ -408,7 +408,8 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    """`vlp eval vqa|caption|vcr|refcoco --model DIR`: run a fine-tuned model instead of scoring a file."""
+    """`vlp eval vqa|caption|vcr|refcoco --model DIR`: run a fine-tuned model instead of
+    scoring a file."""
     p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
                    "run it on the benchmark instead of scoring --predictions")
     p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
