@@ -60,7 +60,8 @@ def test_shipped_configs_load():
     for path in sorted(root.glob("pretrain/*.yaml")):
         load_config(path)
     finetune = sorted(root.glob("finetune/*.yaml"))
-    assert {p.stem.split("_")[0] for p in finetune} == {"vqa", "caption", "vcr", "retrieval"}
+    assert {p.stem.split("_")[0] for p in finetune} == {"vqa", "caption", "vcr", "retrieval",
+                                                           "refcoco"}
     for path in finetune:
         assert load_config(path, cls=FinetuneConfig).task == path.stem.split("_")[0]
 

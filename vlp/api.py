@@ -3,7 +3,8 @@ writes (format: vlp/modeldir.py).
 
     dual_tower, combined -> `Pretrained` (encode_image / encode_text, L2-normalised)
     finetuned            -> the task's inference object (VQAModel.answer, CaptionModel.caption,
-                            VCRModel.choose, RetrievalModel.encode_* / rerank)
+                            VCRModel.choose, RetrievalModel.encode_* / rerank,
+                            RefCOCOModel.locate)
 
 A single-stream pretraining directory has no inference object: it is a starting point for
 `vlp finetune`.
@@ -53,8 +54,12 @@ def load_finetuned(folder: modeldir.ModelDir, device: str | torch.device | None 
         from vlp.tasks.retrieval import RetrievalModel
 
         return RetrievalModel(folder, device)
+    if task == "refcoco":
+        from vlp.tasks.refcoco import RefCOCOModel
+
+        return RefCOCOModel(folder, device)
     raise modeldir.ModelDirError(f"{folder.path / modeldir.CONFIG}: unknown fine-tuned task "
-                                 f"{task!r}; expected vqa, caption, vcr or retrieval")
+                                 f"{task!r}; expected vqa, caption, vcr, retrieval or refcoco")
 
 
 __all__ = ["load", "load_finetuned", "Pretrained"]

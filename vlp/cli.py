@@ -3,8 +3,8 @@
     vlp pretrain [--config FILE] [--out DIR] [--resume DIR|latest] [key=value ...]
         (one process, or every process of `deepspeed --num_gpus N --module vlp pretrain ...`
         or `torchrun --nproc_per_node N -m vlp pretrain ...`)
-    vlp finetune vqa|caption|vcr|retrieval [--config FILE] [--out DIR] [--resume DIR|latest]
-        [key=value ...]   (also under deepspeed / torchrun, like pretrain)
+    vlp finetune vqa|caption|vcr|retrieval|refcoco [--config FILE] [--out DIR]
+        [--resume DIR|latest] [key=value ...]   (also under deepspeed / torchrun, like pretrain)
     vlp data synth --out DIR [--images N] [--val-images N] [--seed S] [--image-size PX]
     vlp data regions --model DIR --data SHARDS --out DIR
     vlp tokenizer train --data SHARDS --out FILE [--vocab-size N]
@@ -17,7 +17,9 @@
     vlp eval caption --predictions FILE (--annotations FILE | --karpathy FILE [--split S])
         [--out FILE]
     vlp eval vcr --predictions FILE.csv|FILE.jsonl --annotations FILE.jsonl [--out FILE]
-    vlp eval vqa|caption|vcr --model FINETUNED_DIR [--data BENCHMARK_DIR] [file options]
+    vlp eval refcoco --predictions FILE --refs 'refs(unc).p' --instances instances.json
+        [--split S] [--out FILE]
+    vlp eval vqa|caption|vcr|refcoco --model FINETUNED_DIR [--data BENCHMARK_DIR] [file options]
         [--out FILE]   (runs the fine-tuned model; its results file goes beside --out)
     vlp convert hf-clip SRC_DIR OUT_DIR          (a local Hugging Face CLIPModel folder -> vlp)
     vlp convert to-hf-clip MODEL_DIR OUT_DIR     (a vlp dual tower -> CLIPModel folder)
@@ -320,6 +322,20 @@ def _cmd_eval_vcr(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_refcoco(args: argparse.Namespace) -> int:
+    from vlp.eval.refcoco_metric import evaluate_refcoco, format_table
+
+    metrics = _eval_model(args, {"refcoco.refs": args.refs, "refcoco.instances": args.instances,
+                                 "refcoco.dets": args.dets})
+    if metrics is None:
+        if not (args.refs and args.instances):
+            raise EvalError("scoring --predictions needs --refs and --instances")
+        metrics = evaluate_refcoco(_predictions(args), args.refs, args.instances,
+                                   [args.split] if args.split else None)
+    _report(metrics, format_table(metrics), args.out)
+    return 0
+
+
 def _cmd_index_build(args: argparse.Namespace) -> int:
     from vlp.retrieval import build
 
@@ -399,7 +415,8 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    """`vlp eval vqa|caption|vcr --model DIR`: run a fine-tuned model instead of scoring a file."""
+    """`vlp eval vqa|caption|vcr|refcoco --model DIR`: run a fine-tuned model instead of
+    scoring a file."""
     p.add_argument("--model", help="a fine-tuned model directory (OUT/model of vlp finetune): "
                    "run it on the benchmark instead of scoring --predictions")
     p.add_argument("--data", help="with --model: the benchmark folder (default: the shapes "
@@ -427,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a pretrained model on a benchmark") \
         .add_subparsers(dest="task", required=True)
     for task, what in (("vqa", "VQA v2"), ("caption", "COCO captioning (Karpathy split)"),
-                       ("vcr", "VCR Q->A, QA->R"), ("retrieval", "image-text retrieval")):
+                       ("vcr", "VCR Q->A, QA->R"), ("retrieval", "image-text retrieval"),
+                       ("refcoco", "RefCOCO referring expressions")):
         p = ft.add_parser(task, help=f"fine-tune on {what}")
         p.add_argument("--config", help=f"YAML file (configs/finetune/{task}_*.yaml)")
         p.add_argument("--out", help=f"run folder (default: runs/finetune-{task}-<time>)")
@@ -528,6 +546,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the metrics as flat JSON here")
     _add_model_args(p)
     p.set_defaults(func=_cmd_eval_vcr)
+    p = ev.add_parser("refcoco", help="referring expressions: accuracy at IoU >= 0.5 per split")
+    p.add_argument("--predictions", help='results JSON: [{"sent_id": N, "box": [x, y, w, h]}]')
+    p.add_argument("--refs", help="the refer toolkit's refs(unc).p (or a .json copy)")
+    p.add_argument("--instances", help="its instances.json")
+    p.add_argument("--dets", help="with --model: the folder of per-image detected boxes")
+    p.add_argument("--split", help="val, testA, testB, ... (default: --predictions: the "
+                   "splits it covers; --model: test = val and every test split)")
+    p.add_argument("--out", help="write the metrics as flat JSON here")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_eval_refcoco)
 
     conv = sub.add_parser("convert", help="load other projects' checkpoints (local files)"
                           ).add_subparsers(dest="convert_cmd", required=True)

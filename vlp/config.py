@@ -255,6 +255,20 @@ class RetrievalTaskConfig:
 
 
 @dataclass
+class RefCOCOTaskConfig:
+    """The refer toolkit's files (RefCOCO / RefCOCO+ / RefCOCOg): refs(<splitBy>).p (or its
+    .json copy) + instances.json; images under data.images."""
+
+    refs: str = ""  # refs(unc).p or .json; empty: the shapes world's ROOT/refcoco/refs(unc).p
+    instances: str = ""  # instances.json; empty: the one beside `refs`
+    # per-image detected boxes {image file stem}.npz (the region-file layout; with features
+    # for region backbones); empty: ROOT/refcoco/dets when it exists (else no det scores)
+    dets: str = ""
+    train_boxes: Literal["gt", "det"] = "gt"  # the candidates training picks from
+    max_length: int = 24  # expression tokens, with [CLS]/[SEP]
+
+
+@dataclass
 class FinetuneEvalConfig:
     batch_size: int = 128
     split: Literal["val", "test"] = "test"  # scored at the end of the run (Karpathy: test)
@@ -273,7 +287,7 @@ def _finetune_train() -> TrainConfig:
 
 @dataclass
 class FinetuneConfig:
-    task: Literal["vqa", "caption", "vcr", "retrieval"] = "vqa"
+    task: Literal["vqa", "caption", "vcr", "retrieval", "refcoco"] = "vqa"
     init_from: str = ""  # the pretrained model directory (OUT/model of `vlp pretrain`)
     epochs: float = 0.0  # > 0: train.steps becomes this many passes over the training split
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
@@ -288,6 +302,7 @@ class FinetuneConfig:
     caption: CaptionTaskConfig = field(default_factory=CaptionTaskConfig)
     vcr: VCRTaskConfig = field(default_factory=VCRTaskConfig)
     retrieval: RetrievalTaskConfig = field(default_factory=RetrievalTaskConfig)
+    refcoco: RefCOCOTaskConfig = field(default_factory=RefCOCOTaskConfig)
 
 
 # --------------------------------------------------------------------------------------------

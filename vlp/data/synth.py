@@ -4,7 +4,9 @@ Small images of coloured shapes (1-3 per scene, never overlapping), five caption
 small grammar, and object boxes with labels. `generate` writes them as webdataset shards in
 the img2dataset layout (the same files `vlp/data` reads for LAION/CC3M) plus, from separate
 scenes, benchmark files in their official formats: VQA v2, COCO captions with a Karpathy-style
-split, VCR-style jsonl, and a retrieval test file over the held-out val shards. The val
+split, VCR-style jsonl, RefCOCO-style referring expressions (the refer toolkit's
+instances.json + refs(unc).p, a JSON copy of the refs, and simulated detections per image),
+and a retrieval test file over the held-out val shards. The val
 shards' single-object images are also written as zero-shot classification sets of their shape
 and their colour in CLIP_benchmark's webdataset layout (`zeroshot/shape`, `zeroshot/color`).
 
@@ -42,8 +44,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-VERSION = 4  # 2: regions.npz per train/val sample; 3: benchmark region files, 2000 images;
-#             4: the zero-shot sets in CLIP_benchmark's layout
+from vlp.data.refer import dumps_refs
+
+VERSION = 5  # 2: regions.npz per train/val sample; 3: benchmark region files, 2000 images;
+#             4: the zero-shot sets in CLIP_benchmark's layout; 5: RefCOCO refs + detections
 
 # Saturated colours, far apart in RGB, all bright enough to stand out from the dark background.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -521,6 +525,181 @@ def _untokenize(tokens: list, names: list[str]) -> str:
     return " ".join(" and ".join(names[i] for i in t) if isinstance(t, list) else t for t in tokens)
 
 
+# --------------------------------------------------------------------------- referring expressions
+
+REFCOCO_DIR = "refcoco"
+REFCOCO_REFS = "refs(unc)"
+_REFER_RELATIONS = ("left of", "right of", "above", "below")  # _RELATIONS' order
+_DET_MISS = 0.1  # a simulated detector misses an object this often
+
+
+def _matching(objects: list[ShapeObject], image_size: int, *, color: str | None = None,
+              shape: str | None = None, size: str | None = None, position: str | None = None,
+              rel: int | None = None, landmark: int | None = None) -> list[int]:
+    """Indices of the objects an expression's constraints fit (rel: where the object is
+    relative to objects[landmark], as `_relation` says, the landmark itself excluded)."""
+    out = []
+    for i, o in enumerate(objects):
+        if (color and o.color != color) or (shape and o.shape != shape) or \
+                (size and o.size != size) or (position and o.position != position):
+            continue
+        if rel is not None and (i == landmark or
+                                _relation(o, objects[landmark], image_size) != rel):
+            continue
+        out.append(i)
+    return out
+
+
+def referring_expressions(objects: list[ShapeObject], target: int,
+                          image_size: int) -> list[str]:
+    """Every expression of a small grammar that picks out exactly objects[target] among the
+    scene's objects: attributes ("the red circle", "the circle", "the large shape", "the
+    shape on the left") and relations to another object ("the red circle left of the blue
+    square", "the shape above the star"). "the <colour> <shape>" always qualifies (a scene's
+    colour-shape pairs are distinct)."""
+    o = objects[target]
+    place = _PLACE[o.position]
+    forms = [(f"the {o.color} {o.shape}", dict(color=o.color, shape=o.shape)),
+             (f"the {o.shape}", dict(shape=o.shape)),
+             (f"the {o.color} shape", dict(color=o.color)),
+             (f"the {o.color} one", dict(color=o.color)),
+             (f"the {o.size} {o.shape}", dict(size=o.size, shape=o.shape)),
+             (f"the {o.size} shape", dict(size=o.size)),
+             (f"the {o.shape} {place}", dict(shape=o.shape, position=o.position)),
+             (f"the shape {place}", dict(position=o.position)),
+             (f"the {o.color} shape {place}", dict(color=o.color, position=o.position))]
+    for j, landmark in enumerate(objects):
+        rel = _relation(o, landmark, image_size) if j != target else None
+        if rel is None:
+            continue
+        names = [f"the {landmark.color} {landmark.shape}"]
+        if len(_matching(objects, image_size, shape=landmark.shape)) == 1:
+            names.append(f"the {landmark.shape}")
+        for name in names:
+            r = _REFER_RELATIONS[rel]
+            forms += [(f"the {o.color} {o.shape} {r} {name}",
+                       dict(color=o.color, shape=o.shape, rel=rel, landmark=j)),
+                      (f"the {o.shape} {r} {name}", dict(shape=o.shape, rel=rel, landmark=j)),
+                      (f"the shape {r} {name}", dict(rel=rel, landmark=j))]
+    picks = [text for text, c in forms if _matching(objects, image_size, **c) == [target]]
+    return list(dict.fromkeys(picks))
+
+
+def _jitter(box: tuple[int, int, int, int], sigma: float, rng: np.random.Generator,
+            image_size: int) -> tuple[int, int, int, int]:
+    """`box` with each side moved by N(0, sigma x its length), kept inside the image and at
+    least 2 pixels wide and high."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    x1, y1, x2, y2 = (v + rng.normal(0.0, sigma) * s for v, s in zip(box, (w, h, w, h)))
+    x1, y1 = (int(np.clip(round(v), 0, image_size - 2)) for v in (x1, y1))
+    x2 = int(np.clip(round(x2), x1 + 2, image_size))
+    y2 = int(np.clip(round(y2), y1 + 2, image_size))
+    return x1, y1, x2, y2
+
+
+def simulated_detections(objects: list[ShapeObject], rng: np.random.Generator,
+                         image_size: int) -> list[tuple[tuple[int, int, int, int], float]]:
+    """(box, score) of a pretend detector, best score first: each object found with
+    probability 0.9 as a slightly jittered box (sides moved by 8% of its size), a second,
+    looser box around it 30% of the time (25%, often IoU < 0.5), and 0-2 false positives
+    anywhere; never empty."""
+    dets = []
+    for o in objects:
+        if rng.random() >= _DET_MISS:
+            dets.append((_jitter(o.box, 0.08, rng, image_size), 0.6 + 0.4 * float(rng.random())))
+        if rng.random() < 0.3:
+            dets.append((_jitter(o.box, 0.25, rng, image_size), 0.3 + 0.4 * float(rng.random())))
+    for _ in range(int(rng.integers(0, 3)) if dets else 1):
+        side = int(round(rng.uniform(0.15, 0.35) * image_size))
+        x, y = (int(v) for v in rng.integers(0, image_size - side + 1, size=2))
+        dets.append(((x, y, x + side, y + side), 0.5 * float(rng.random())))
+    return sorted(dets, key=lambda d: -d[1])
+
+
+class _RefCOCOWriter:
+    """The RefCOCO-style files of the benchmark scenes, in the refer toolkit's layout
+    (vlp/data/refer.py reads them):
+
+        refcoco/instances.json    images with refs, every object as a COCO annotation
+                                  (bbox [x, y, w, h], category = shape, polygon segmentation)
+        refcoco/refs(unc).p       one ref per object of a scene with 2-3 objects, 1-3
+                                  sentences each (`referring_expressions`), pickled plain data
+        refcoco/refs(unc).json    the same refs as JSON
+        refcoco/dets/{image}.npz  `simulated_detections` of every benchmark image: boxes,
+                                  scores and the same thumb8_meanstd features as the gt-box
+                                  region files
+
+    Splits follow the benchmark's (by image): train + restval -> train, val -> val; test
+    images with 3 objects -> testA, with 2 -> testB (RefCOCO's testA / testB split people
+    from other objects; here crowded scenes from pairs). Scenes with one object have nothing
+    to tell apart and get no ref. Draws come from each scene's streams 3 (sentences) and 4
+    (detections), so the other benchmark files do not change."""
+
+    def __init__(self, folder: Path, seed: int, image_size: int):
+        self.folder, self.seed, self.image_size = folder, seed, image_size
+        self.images, self.annotations, self.refs = [], [], []
+        self.sentences = 0
+
+    def add(self, index: int, image_id: int, file_name: str, split: str, scene: Scene) -> None:
+        objects = list(scene.objects)
+        self._detections(index, image_id, scene)
+        if len(objects) < 2:
+            return
+        if split in ("train", "restval"):
+            split = "train"
+        elif split == "test":
+            split = "testA" if len(objects) == 3 else "testB"
+        self.images.append({"id": image_id, "file_name": file_name, "width": self.image_size,
+                            "height": self.image_size, "license": 1})
+        rng = scene_rng(self.seed, "benchmark", index, stream=3)
+        for k, o in enumerate(objects):
+            x1, y1, x2, y2 = o.box
+            ann_id = image_id * 10 + k
+            polygon = [v for point in shape_polygon(o.shape, o.box) for v in point]
+            self.annotations.append({
+                "id": ann_id, "image_id": image_id, "category_id": SHAPES.index(o.shape) + 1,
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                "area": float((x2 - x1) * (y2 - y1)), "iscrowd": 0,
+                "segmentation": [polygon]})
+            expressions = referring_expressions(objects, k, self.image_size)
+            picked = rng.permutation(len(expressions))[:int(rng.integers(1, 4))]
+            sentences = []
+            for i in picked:
+                text = expressions[int(i)]
+                sentences.append({"tokens": text.split(), "raw": text, "sent_id": self.sentences,
+                                  "sent": text})
+                self.sentences += 1
+            self.refs.append({
+                "sent_ids": [s["sent_id"] for s in sentences], "file_name":
+                f"{image_id:012d}_{ann_id}.jpg", "ann_id": ann_id, "ref_id": len(self.refs),
+                "image_id": image_id, "split": split, "sentences": sentences,
+                "category_id": SHAPES.index(o.shape) + 1})
+
+    def _detections(self, index: int, image_id: int, scene: Scene) -> None:
+        rng = scene_rng(self.seed, "benchmark", index, stream=4)
+        dets = simulated_detections(list(scene.objects), rng, self.image_size)
+        image = Image.open(io.BytesIO(scene.jpeg))
+        boxes = [b for b, _ in dets]
+        _write(self.folder / "dets" / f"{image_id:012d}.npz", _npz_bytes({
+            "features": extract_region_features(image, boxes),
+            "boxes": np.array(boxes, np.float32).reshape(-1, 4),
+            "scores": np.array([s for _, s in dets], np.float32),
+            "image_w": np.array(self.image_size, np.int64),
+            "image_h": np.array(self.image_size, np.int64),
+        }))
+
+    def write(self) -> dict[str, int]:
+        """Write instances.json and the refs (pickle + JSON); return the refs per split."""
+        categories = [{"id": i + 1, "name": s, "supercategory": "shape"}
+                      for i, s in enumerate(SHAPES)]
+        _write(self.folder / "instances.json", _dumps({
+            "info": _INFO, "licenses": [_LICENSE], "images": self.images,
+            "annotations": self.annotations, "categories": categories}))
+        _write(self.folder / f"{REFCOCO_REFS}.p", dumps_refs(self.refs))
+        _write(self.folder / f"{REFCOCO_REFS}.json", _dumps(self.refs))
+        return dict(Counter(r["split"] for r in self.refs))
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -639,9 +818,10 @@ _INFO = {"description": "vlp shapes world (synthetic)", "version": str(VERSION),
 _LICENSE = {"id": 1, "name": "CC0 1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
 
 
-def _write_benchmarks(out: Path, n: int, seed: int, image_size: int, bar: tqdm) -> dict:
-    """Render `n` benchmark scenes and write VQA, COCO captions, Karpathy, VCR files; return
-    the number of images per Karpathy split."""
+def _write_benchmarks(out: Path, n: int, seed: int, image_size: int, bar: tqdm,
+                      refcoco: "_RefCOCOWriter") -> dict:
+    """Render `n` benchmark scenes and write VQA, COCO captions, Karpathy, VCR files (and hand
+    each scene to `refcoco`); return the number of images per Karpathy split."""
     bench = out / "benchmarks"
     bounds, acc = [], 0.0
     for name, frac in BENCHMARK_SPLITS:
@@ -697,6 +877,7 @@ def _write_benchmarks(out: Path, n: int, seed: int, image_size: int, bar: tqdm) 
                     "segms": [[[list(p) for p in shape_polygon(o.shape, o.box)]] for o in objects],
                     "names": names, "width": image_size, "height": image_size}
         _write(bench / "vcr" / "images" / img_fn, scene.jpeg)
+        refcoco.add(index, image_id, file_name, split, scene)
         _write(bench / "vcr" / "images" / img_fn.replace(".jpg", ".json"), _dumps(metadata))
         candidates = _vcr_candidates(objects, image_size)
         vcr_split = "train" if subset == "train2014" else "val"
@@ -758,7 +939,9 @@ def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int
         _write_split(out, "train", images, seed, image_size, shard_size, bar)
         val = _write_split(out, "val", val_images, seed, image_size, shard_size, bar,
                            keep_images=True)
-        bench_splits = _write_benchmarks(out, benchmark_images, seed, image_size, bar)
+        refcoco = _RefCOCOWriter(out / "benchmarks" / REFCOCO_DIR, seed, image_size)
+        bench_splits = _write_benchmarks(out, benchmark_images, seed, image_size, bar, refcoco)
+        refcoco_refs = refcoco.write()
 
     # The retrieval test set is the held-out val shards; images are named by their shard key.
     images_ = [{"id": i, "file_name": r["key"], "shard": r["shard"], "width": image_size,
@@ -795,6 +978,13 @@ def generate(out_dir: str | os.PathLike, *, images: int = 20000, val_images: int
             "vcr": {"train": "benchmarks/vcr/train.jsonl", "val": "benchmarks/vcr/val.jsonl",
                     "images": "benchmarks/vcr/images"},
             "retrieval": {"test": "benchmarks/retrieval/test.json"},
+            # the refer toolkit's layout (RefCOCO, splitBy unc); images and gt-box regions
+            # are the benchmark's own; dets: per-image detected boxes with their features
+            "refcoco": {"instances": f"benchmarks/{REFCOCO_DIR}/instances.json",
+                        "refs": f"benchmarks/{REFCOCO_DIR}/{REFCOCO_REFS}.p",
+                        "refs_json": f"benchmarks/{REFCOCO_DIR}/{REFCOCO_REFS}.json",
+                        "dets": f"benchmarks/{REFCOCO_DIR}/dets",
+                        "refs_per_split": refcoco_refs},
         },
         # zero-shot classification sets (CLIP_benchmark's webdataset layout): `vlp eval zeroshot`
         "zeroshot": zeroshot,

@@ -11,7 +11,7 @@ from vlp.config import ConfigError, DataConfig, FinetuneDataConfig, TokenizerCon
 from vlp.data.pipeline import SkipCounter, format_skips, iter_captions
 from vlp.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
-SHAPES_FORMAT = "v4"  # bump when the generator's output changes, so caches regenerate
+SHAPES_FORMAT = "v5"  # bump when the generator's output changes, so caches regenerate
 
 
 def cache_root() -> Path:

@@ -7,6 +7,7 @@ loop (vlp/engine/loop.py).
     caption    Karpathy's dataset_coco.json, COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr)
     vcr        VCR jsonl + metadata, Q->A / QA->R / Q->AR
     retrieval  Karpathy split, Recall@1/5/10 both ways (ITM re-ranking with fusion layers)
+    refcoco    refer toolkit refs + instances.json, accuracy at IoU >= 0.5 (gt / detected boxes)
 
 A new benchmark is a module here (a FinetuneTask subclass: data, head, loss, `score`), a
 config block in vlp/config.py, and a line in `build_task`.
@@ -33,6 +34,7 @@ from vlp.models.device import eval_autocast, resolve_device
 from vlp.models.joint import JointEncoder
 from vlp.tasks.caption import CaptionTask
 from vlp.tasks.common import FinetuneTask
+from vlp.tasks.refcoco import RefCOCOTask
 from vlp.tasks.retrieval import RetrievalTask
 from vlp.tasks.vcr import VCRTask
 from vlp.tasks.vqa import VQATask
@@ -56,7 +58,9 @@ def build_task(cfg: FinetuneConfig, encoder: JointEncoder, tokenizer: Tokenizer,
         return VCRTask(*args)
     if cfg.task == "retrieval":
         return RetrievalTask(*args)
-    raise ConfigError(f"task={cfg.task!r}: choose vqa, caption, vcr or retrieval")
+    if cfg.task == "refcoco":
+        return RefCOCOTask(*args)
+    raise ConfigError(f"task={cfg.task!r}: choose vqa, caption, vcr, retrieval or refcoco")
 
 
 def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = None,
