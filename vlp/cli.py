@@ -38,6 +38,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from vlp.config import ConfigError
@@ -60,25 +61,30 @@ def _train(run, cfg, args: argparse.Namespace, name: str) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace, overrides: list[str], cls):
+def _run_config(args: argparse.Namespace, overrides: list[str], cls, given: set | None = None):
     """The run's config, checked before any work: defaults <- --config <- overrides; with
-    --resume, the resumed run's saved config.yaml comes first (what it was started with)."""
-    from vlp.config import load_config, read_yaml
+    --resume, the resumed run's saved config.yaml comes first (what it was started with).
+    `given` (a set) receives the keys set explicitly."""
+    from vlp.config import given_keys, load_config, read_yaml
     from vlp.engine.loop import saved_config_path
 
     saved = None
     if args.resume and (args.out or args.resume != "latest"):
         saved = saved_config_path(args.out or ".", args.resume)
-    return load_config(args.config, overrides, cls=cls,
-                       base=read_yaml(saved) if saved else None)
+    base = read_yaml(saved) if saved else None
+    cfg = load_config(args.config, overrides, cls=cls, base=base)
+    if given is not None:
+        given |= given_keys(args.config, overrides, base)
+    return cfg
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from vlp.config import PretrainConfig
     from vlp.recipes import pretrain
 
-    cfg = _run_config(args, args.overrides, PretrainConfig)
-    return _train(pretrain, cfg, args, "pretrain")
+    given: set[str] = set()
+    cfg = _run_config(args, args.overrides, PretrainConfig, given)
+    return _train(partial(pretrain, given=given), cfg, args, "pretrain")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:

@@ -89,6 +89,9 @@ class ModelConfig:
     max_regions: int = 36
     fusion: FusionConfig = field(default_factory=FusionConfig)
     init_text_from: str = ""  # a local Hugging Face BERT folder for the text embeddings/layers
+    # pretraining: start from this vlp model directory's weights, shape and tokenizer
+    # (vlp/recipes/init_from.py says which directories each recipe takes)
+    init_from: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +425,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def given_keys(path: str | Path | None = None, overrides: list[str] | None = None,
+               base: dict | None = None) -> set[str]:
+    """The dotted keys a config file, overrides and base set explicitly (whatever their
+    values): what `model.init_from` must not silently replace."""
+    keys = set(flatten(base or {}))
+    if path is not None:
+        keys |= set(flatten(read_yaml(path)))
+    return keys | set(flatten(parse_overrides(overrides or [])))
+
+
 # What a resumed run may change: nothing already trained or read depends on these. train.steps
 # (and fine-tuning's epochs) move the end of the run and so the rest of the LR schedule.
 RESUME_SAFE = ("train.steps", "epochs", "train.save_every", "train.log_every",
@@ -429,11 +442,12 @@ RESUME_SAFE = ("train.steps", "epochs", "train.save_every", "train.log_every",
                "eval.", "data.val")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"a.b.c": value}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -443,7 +457,7 @@ def resume_changes(saved: dict, now: dict, source: str) -> list[str]:
     """The keys a resumed run changes from its saved config (`source` names it), as
     "key: old -> new" lines for the log; a change that cannot apply to a resumed run (batch
     size, data, model, optimizer...) raises ConfigError naming the key."""
-    before, after = _flatten(saved), _flatten(now)
+    before, after = flatten(saved), flatten(now)
     changed = [k for k in after if k in before and before[k] != after[k]]
     unsafe = [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s))
                                             for s in RESUME_SAFE)]
@@ -507,7 +521,7 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
         if f.width % f.heads:
             raise ConfigError(f"model.fusion.width={f.width} must be divisible by "
                               f"model.fusion.heads={f.heads}")
-        if t.mask != "bidirectional":
+        if t.mask != "bidirectional" and not cfg.model.init_from:  # else DIR's: checked there
             raise ConfigError("recipe=combined runs MLM on the text tower: set "
                               "model.text.mask=bidirectional (and model.text.pool=cls)")
     o = cfg.objectives

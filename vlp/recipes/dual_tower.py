@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 from vlp.config import PretrainConfig
-from vlp.data.transforms import ImageTransform
 from vlp.engine.task import Task
 from vlp.eval.retrieval import evaluate_retrieval, format_table
 from vlp.models import DualTower
 from vlp.models.pretrained import Pretrained
 from vlp.objectives import clip_loss, distributed_clip_loss
+from vlp.recipes.init_from import load_start, start_transform
 from vlp.tokenizer import Tokenizer
 
 
@@ -23,7 +23,7 @@ class DualTowerRecipe(Task):
     def __init__(self, cfg: PretrainConfig, tokenizer: Tokenizer, world_size: int,
                  val_spec: str = ""):
         self.cfg, self.tokenizer, self.val_spec = cfg, tokenizer, val_spec
-        self.eval_transform = ImageTransform(cfg.model.vision.image_size, train=False)
+        self.eval_transform = start_transform(cfg, train=False)
         self._loss = distributed_clip_loss if world_size > 1 else clip_loss
 
     def loader_kwargs(self) -> dict:
@@ -31,7 +31,10 @@ class DualTowerRecipe(Task):
         return {}
 
     def build_model(self, pretrained: bool = True) -> DualTower:
-        return DualTower(self.cfg.model, self.tokenizer.vocab_size)
+        model = DualTower(self.cfg.model, self.tokenizer.vocab_size)
+        if pretrained:
+            load_start(model, self.cfg)
+        return model
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, list[float]]:
         pixels = batch.pixel_values.to(engine.device, engine.input_dtype)
