@@ -177,6 +177,29 @@ def test_resampled_stream_starts_fresh_draws(uneven, tok):  # noqa: F811
     assert take(new, 2) != first[0]
 
 
+def test_benchmark_data_resumes_on_the_same_number_only():
+    """Fine-tuning's map-style data is not re-dealt: another process count is refused."""
+    from vlp.data.sources import MapSource
+
+    def collate(items):
+        from vlp.data.batch import Batch
+        return Batch([str(i) for i in items])
+
+    data = list(range(20))
+    old = [MapSource(data, collate, batch_size=2, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    for source in old:
+        source.next()
+    states = roundtrip([source.state() for source in old])
+    with pytest.raises(ConfigError, match="written by 2 process.* this launch has 1.*resumes "
+                                          "only on the same number of processes"):
+        MapSource(data, collate, batch_size=2, seed=0).resume(states, 0, 1)
+    again = MapSource(data, collate, batch_size=2, seed=0, rank=1, world_size=2)
+    assert again.resume(states, 1, 2) is None
+    fresh = MapSource(data, collate, batch_size=2, seed=0, rank=1, world_size=2)
+    fresh.next()
+    assert again.next().keys == fresh.next().keys  # its own position, exactly
+
+
 # --------------------------------------------------------------------------- real runs
 TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.layers=2",
         "model.vision.heads=2", "model.text.width=32", "model.text.layers=2",
@@ -213,32 +236,50 @@ def keys_by_epoch(prefix: Path) -> dict[int, list[str]]:
     return out
 
 
-def flat_optimizer_state(folder: Path) -> dict[str, torch.Tensor]:
-    """Each AdamW state of each parameter group, the ZeRO partitions of every rank joined in
-    rank order: the same flat tensor whatever the number of partitions (up to the padding at
-    the end, cut to the shortest here), and the step."""
-    files = sorted(folder.glob("*optim_states.pt"))
+def optimizer_moments(folder: Path) -> dict[str, torch.Tensor]:
+    """AdamW's state in a DeepSpeed checkpoint, whatever its number of ZeRO partitions: per
+    parameter group, each moment as one flat tensor in parameter order (and the step). ZeRO-1/2:
+    each rank holds a contiguous slice of the group's flat buffer, so the ranks' slices joined
+    are the buffer (then padding). ZeRO-3: each rank holds ceil(numel / ranks) elements of
+    every parameter, in order (the layout deepspeed/utils/zero_to_fp32.py merges)."""
+    files = sorted(folder.glob("*optim_states.pt"))  # zero_pp_rank_0_..., _1_... in rank order
     assert files, f"no optimizer states in {folder}"
-    parts: dict[str, list[torch.Tensor]] = {}
+    states = []
     for f in files:
         sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        inner = sd["optimizer_state_dict"] if "optimizer_state_dict" in sd else \
-            sd["base_optimizer_state"]
-        for group, state in inner["state"].items():
-            for key, value in state.items():
-                parts.setdefault(f"{group}/{key}", []).append(value.flatten())
-    return {k: (v[0] if k.endswith("step") else torch.cat(v)) for k, v in parts.items()}
+        inner = sd.get("optimizer_state_dict") or sd["base_optimizer_state"]
+        states.append(inner["state"])
+    model3 = sorted(folder.glob("zero_pp_rank_*_model_states.pt"))  # ZeRO-3 only
+    shapes = torch.load(model3[0], map_location="cpu", weights_only=False)["param_shapes"] \
+        if model3 else None
+    out = {}
+    for group in states[0]:
+        for key in states[0][group]:
+            parts = [state[group][key].flatten() for state in states]
+            if key == "step":
+                out[f"{group}/step"] = parts[0]
+            elif shapes is None:
+                out[f"{group}/{key}"] = torch.cat(parts)
+            else:
+                params, offset = [], 0
+                for shape in shapes[group].values():
+                    numel = int(torch.Size(shape).numel())
+                    chunk = -(-numel // len(parts))
+                    params.append(torch.cat([x[offset:offset + chunk] for x in parts])[:numel])
+                    offset += chunk
+                out[f"{group}/{key}"] = torch.cat(params)
+    return out
 
 
 def assert_same_optimizer(a: Path, b: Path) -> None:
-    sa, sb = flat_optimizer_state(a), flat_optimizer_state(b)
-    assert sa.keys() == sb.keys()
+    sa, sb = optimizer_moments(a), optimizer_moments(b)
+    assert sa.keys() == sb.keys() and len(sa) == 6  # 2 groups x (step, exp_avg, exp_avg_sq)
     for key in sa:
         if key.endswith("step"):
-            assert float(sa[key]) == float(sb[key]), key
+            assert float(sa[key]) == float(sb[key]) > 0, key
             continue
-        n = min(len(sa[key]), len(sb[key]))
-        assert n >= 0.99 * max(len(sa[key]), len(sb[key])), key  # only padding differs
+        n = min(len(sa[key]), len(sb[key]))  # ZeRO-1/2: the padding at the end differs
+        assert n >= 0.99 * max(len(sa[key]), len(sb[key])), key
         torch.testing.assert_close(sa[key][:n], sb[key][:n], rtol=0, atol=0, msg=key)
         assert sa[key][:n].abs().sum() > 0, key  # a real state, not a reset one
 
