@@ -24,10 +24,12 @@ from vlp.eval.retrieval import evaluate_retrieval, format_table
 from vlp.eval.single_stream import Accuracy, attribute_token_ids
 from vlp.models.combined import Combined
 from vlp.models.pretrained import Pretrained
+from vlp.models.towers import init_towers
 from vlp.objectives import classification_loss, clip_loss, distributed_clip_loss, \
     sample_matching_pairs
 from vlp.objectives.masking import IGNORE, continuation_table, mask_tokens, mask_words, \
     special_token_ids
+from vlp.recipes.dual_tower import check_tower_inits, log_lines
 from vlp.tokenizer import Tokenizer
 
 TIED = "mlm_head.word_embeddings.weight"  # the MLM decoder is the word embeddings, stored once
@@ -41,7 +43,8 @@ class CombinedRecipe(Task):
                  val_spec: str = ""):
         if tokenizer.mask_id is None:
             raise ConfigError("the combined recipe masks words: the tokenizer has no [MASK] token")
-        self.cfg, self.tokenizer, self.val_spec = cfg, tokenizer, val_spec
+        self.cfg, self.tokenizer, self.val_spec = check_tower_inits(cfg, tokenizer), \
+            tokenizer, val_spec
         self.eval_transform = ImageTransform(cfg.model.vision.image_size, train=False)
         self._itc = distributed_clip_loss if world_size > 1 else clip_loss
         self.special_ids = special_token_ids(tokenizer)
@@ -51,7 +54,10 @@ class CombinedRecipe(Task):
         return {}
 
     def build_model(self, pretrained: bool = True) -> Combined:
-        return Combined(self.cfg.model, self.tokenizer.vocab_size)
+        model = Combined(self.cfg.model, self.tokenizer.vocab_size)
+        if pretrained:  # the towers' init_from, as the dual-tower recipe's
+            log_lines(init_towers(model.towers))
+        return model
 
     def loss(self, engine, batch) -> tuple[torch.Tensor, list[float]]:
         o, dev = self.cfg.objectives, engine.device
