@@ -12,10 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from vlp import modeldir
 from vlp.cli import main
-from vlp.config import ConfigError, ModelConfig, PretrainConfig, TextConfig, VisionConfig, \
-    load_config
+from vlp.config import ConfigError, VisionConfig, load_config
 from vlp.convert.hf_vit import from_hf_vit
-from vlp.models import DualTower
 from vlp.models.pretrained import Pretrained
 from vlp.models.towers import VisionTower, init_vision_tower, read_vision_tower, \
     save_vision_tower
@@ -400,3 +398,29 @@ def test_vlp_pretrain_starts_from_a_converted_vit(hf_folders, tmp_path):
     for k, v in want.items():
         torch.testing.assert_close(trained["visual." + k], v, rtol=0, atol=1e-8)
     assert modeldir.read(out / "model").model_config().vision.width == 64
+
+
+def test_swin_directory_into_the_dual_tower(tmp_path):
+    """A Swin vision-tower directory: the dual tower takes its arch, stages and window (the
+    run's image size stays), loads its weights; the combined recipe refuses Swin by name."""
+    swin = VisionConfig(arch="swin", width=16, stage_depths=(2, 2), stage_heads=(2, 4),
+                        window_size=4, patch_size=4, image_size=32, pool="mean")
+    src = VisionTower(swin, 8)
+    path = save_vision_tower(src, tmp_path / "swin", {"image_size": 32})
+    cfg = load_config(overrides=[f"model.vision.init_from={path}", "model.embed_dim=16",
+                                 "model.text.width=32", "model.text.heads=2",
+                                 "model.text.layers=1"])
+    resolved, changed = resolve_tower_inits(cfg)
+    v = resolved.model.vision
+    assert (v.arch, list(v.stage_depths), list(v.stage_heads), v.window_size, v.pool) == (
+        "swin", [2, 2], [2, 4], 4, "mean")
+    assert v.image_size == 64 and "model.vision.arch='swin'" in changed
+    model = DualTowerRecipe(resolved, _tokenizer(), 1).build_model()
+    for k, want in src.state_dict().items():
+        if k != "proj.weight":
+            assert torch.equal(model.visual.state_dict()[k], want), k
+    assert torch.isfinite(model.encode_image(torch.randn(1, 3, 64, 64))).all()
+    with pytest.raises(ConfigError, match="model.vision.arch=swin runs with recipe=dual_tower"):
+        resolve_tower_inits(load_config(overrides=[
+            "recipe=combined", f"model.vision.init_from={path}", "model.text.mask=bidirectional",
+            "model.text.pool=cls"]))

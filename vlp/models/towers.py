@@ -163,15 +163,16 @@ def adopt_shape(cfg, wanted: dict, prefix: str, source: str, keep: tuple[str, ..
 
 
 def adopt_vision_shape(cfg: VisionConfig, path: str | Path) -> tuple[VisionConfig, list[str]]:
-    """model.vision with the shape of the image encoder in `path` (arch and _ARCH_KEYS; Swin's
-    image and window sizes where left at their defaults), and what changed."""
+    """model.vision with the shape of the image encoder in `path` (arch and _ARCH_KEYS, which
+    for a ViT include its image size; Swin's window where left at its default, its pooling),
+    and what changed. A Swin's image size stays the run's: its weights do not depend on it."""
     saved = vision_tower_config(path)
     source = str(Path(path) / modeldir.CONFIG)
     wanted = {"arch": saved.arch, **{k: getattr(saved, k) for k in _ARCH_KEYS[saved.arch]}}
     keep = ()
     if saved.arch == "swin":
-        wanted.update(image_size=saved.image_size, window_size=saved.window_size, pool="mean")
-        keep = ("image_size", "window_size")
+        wanted.update(window_size=saved.window_size, pool="mean")
+        keep = ("window_size",)
     return adopt_shape(cfg, wanted, "model.vision", source, keep)
 
 
