@@ -25,6 +25,8 @@
     vlp convert to-hf-clip MODEL_DIR OUT_DIR     (a vlp dual tower -> CLIPModel folder)
     vlp convert open-clip STATE.safetensors OUT_DIR --config MODEL.json --tokenizer TOK
     vlp convert hf-swin SRC_DIR OUT_DIR          (a local HF Swin folder -> vision-tower dir)
+    vlp convert hf-vit SRC OUT_DIR [--heads N]   (a local HF ViT folder, or a timm ViT
+        .safetensors / hub folder -> vision-tower dir; --heads for timm only)
     vlp index build --model DIR --data SHARDS --out INDEX_DIR [--text] [--batch-size N]
         [--chunk-size N] [--max-memory 4GB] [--index-type auto|flat|hnsw|ivf|ivf-hnsw|ivf-pq|
         opq-pq|FAISS_FACTORY]   (a rerun resumes a killed build; written chunks are kept)
@@ -245,6 +247,12 @@ def _cmd_convert_hf_swin(args: argparse.Namespace) -> int:
     from vlp.convert.hf_swin import from_hf_swin
 
     return _convert("hf-swin", from_hf_swin, args.src, args.out)
+
+
+def _cmd_convert_hf_vit(args: argparse.Namespace) -> int:
+    from vlp.convert.hf_vit import from_hf_vit
+
+    return _convert("hf-vit", from_hf_vit, args.src, args.out, args.heads)
 
 
 def _report(metrics: dict, table: str, out: str | None) -> None:
@@ -590,6 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="vision-tower directory to write (config.json + "
                    "model.safetensors; vlp.models.towers.init_vision_tower reads it)")
     p.set_defaults(func=_cmd_convert_hf_swin)
+    p = conv.add_parser("hf-vit", help="Hugging Face ViTModel / ViTForImageClassification "
+                        "folder, or a timm ViT state dict -> vlp vision-tower directory")
+    p.add_argument("src", help="folder with config.json (model_type vit) and model.safetensors "
+                   "(or pytorch_model.bin, read with weights_only=True); or a timm ViT "
+                   ".safetensors file, or a timm hub folder (config.json + model.safetensors)")
+    p.add_argument("out", help="vision-tower directory to write (config.json + "
+                   "model.safetensors; model.vision.init_from=OUT starts a tower from it)")
+    p.add_argument("--heads", type=int, default=None, help="timm only: the attention heads "
+                   "(not in the weights; default: the hub config's, or the size in its "
+                   "architecture name)")
+    p.set_defaults(func=_cmd_convert_hf_vit)
 
     idx = sub.add_parser("index", help="retrieval indexes (faiss)").add_subparsers(
         dest="index_cmd", required=True)

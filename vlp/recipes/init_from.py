@@ -21,6 +21,7 @@ import torch
 from vlp import modeldir
 from vlp.config import ConfigError, ModelConfig, PretrainConfig, flatten, from_dict, to_dict
 from vlp.data.transforms import ImageTransform
+from vlp.models.towers import VISION_SOURCES
 
 ACCEPTS = {"dual_tower": ("dual_tower", "combined"),
            "combined": ("combined", "dual_tower"),
@@ -49,9 +50,12 @@ def adopt_start(cfg: PretrainConfig, given: set[str] | None = None
     if start is None:
         return cfg, []
     source = cfg.model.init_from
-    if cfg.model.init_text_from:
-        raise ConfigError(f"model.init_from={source} and model.init_text_from="
-                          f"{cfg.model.init_text_from} both set the text weights; drop one")
+    for key, other in (("model.init_text_from", cfg.model.init_text_from),
+                       ("model.vision.init_from", cfg.model.vision.init_from),
+                       ("model.text.init_from", cfg.model.text.init_from)):
+        if other:
+            raise ConfigError(f"model.init_from={source} and {key}={other} both set weights "
+                              "of the same tower; drop one")
     saved = start.model_config()
     # fresh fusion layers (a dual tower into the combined recipe) keep the run's settings
     fresh_fusion = cfg.recipe == "combined" and start.architecture == "dual_tower"
@@ -87,9 +91,12 @@ def adopt_start(cfg: PretrainConfig, given: set[str] | None = None
 
 
 def start_transform(cfg: PretrainConfig, train: bool) -> ImageTransform:
-    """The run's image transform: DIR's normalisation (a converted checkpoint's mean/std) when
-    starting from one, else the defaults; model.vision.image_size in both cases."""
+    """The run's image transform: the normalisation (mean/std) of the checkpoint the image
+    weights start from (model.init_from, else model.vision.init_from: an ImageNet ViT's is
+    not CLIP's), else the defaults; model.vision.image_size in every case."""
     start = read_start(cfg)
+    if start is None and cfg.model.vision.init_from:
+        start = modeldir.read(cfg.model.vision.init_from, VISION_SOURCES)
     if start is None:
         return ImageTransform(cfg.model.vision.image_size, train=train)
     t = start.transform()
