@@ -89,7 +89,7 @@ def test_combined_takes_a_dual_tower_or_a_combined_directory(pretrained, ft_worl
     (["model.text.context_length=16"], "model.text.context_length=16 conflicts"),
     (["tokenizer.path={other}"], "tokenizer.path=.* conflicts with model.init_from"),
     (["recipe=single_stream"], "architecture 'dual_tower' is not usable here"),
-    (["model.init_text_from={other}"], "both set the text weights"),
+    (["model.init_text_from={other}"], "both set weights of the same tower"),
 ])
 def test_conflicting_settings_are_refused_by_name(published_clip, ft_world, tmp_path,  # noqa: F811
                                                    capsys, overrides, message):
