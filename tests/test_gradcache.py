@@ -12,7 +12,9 @@ micro-batches of B must equal those of one batch of K x B (fp32, relative 1e-5):
   the losses and writes the weights of `train.batch_size=16` on the same samples.
 """
 import copy
+import io
 import os
+import tarfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,16 +22,23 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from launch import free_port
+from launch import free_port, run, train_log
+from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from vlp.cli import main
 from vlp.config import ConfigError, PretrainConfig, TrainConfig, derive, load_config
 from vlp.data.batch import Batch
+from vlp.data.pipeline import iter_captions, make_loader
+from vlp.data.shards import expand_urls
+from vlp.data.synth import generate
+from vlp.data.transforms import ImageTransform
 from vlp.engine import dist, gradcache
 from vlp.engine.engine import Engine, param_groups
 from vlp.models import DualTower
 from vlp.objectives import clip_loss
 from vlp.recipes.dual_tower import DualTowerRecipe
+from vlp.tokenizer import load_tokenizer, train_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 B, K, VOCAB = 4, 3, 40
@@ -242,3 +251,92 @@ def test_config_refusals():
 
     with pytest.raises(ConfigError, match="fine-tuning"):
         load_config(None, ["train.contrastive_accum=2"], cls=FinetuneConfig)
+
+
+# ------------------------------------------------------------------ through the training loop
+TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.layers=1",
+        "model.vision.heads=2", "model.text.width=32", "model.text.layers=1",
+        "model.text.heads=2", "tokenizer.vocab_size=200", "eval.at_end=false",
+        "train.log_every=1", "train.precision=fp32", "train.threads=1", "train.save_every=0",
+        "data.num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gc_shapes")
+    generate(root, images=128, val_images=8, benchmark_images=0, shard_size=32, progress=False)
+    train_tokenizer(iter_captions(expand_urls(f"{root}/train")), vocab_size=200) \
+        .save(root / "tokenizer.json")
+    return root
+
+
+def _same_run(a: Path, b: Path, steps: int, samples: int):
+    la, lb = train_log(a), train_log(b)
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == list(range(1, steps + 1))
+    assert [r["samples_seen"] for r in la] == [samples * (i + 1) for i in range(steps)]
+    assert [r["samples_seen"] for r in lb] == [samples * (i + 1) for i in range(steps)]
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5)
+    # the gradient's size too (AdamW's update alone hardly depends on it)
+    assert [r["grad_norm"] for r in la] == pytest.approx([r["grad_norm"] for r in lb], rel=1e-5)
+    wa = load_file(a / "model" / "model.safetensors")
+    wb = load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:  # the tolerance of tests/test_distributed_train.py (AdamW after 3 steps)
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_pretrain_loop_equals_the_big_batch(shapes, tmp_path, loss, capsys):
+    """`vlp pretrain` (one process, ZeRO-2): 2 micro-batches of 8 per step log the losses and
+    write the weights of batches of 16 on the same samples (no shuffle buffer: the stream's
+    order is the same whatever the batch size)."""
+    args = ["--no-progress", *TINY, f"data.train={shapes}/train", "data.shuffle_buffer=0",
+            f"tokenizer.path={shapes}/tokenizer.json", "train.steps=3",
+            f"objectives.loss={loss}"]
+    big, cached = tmp_path / "big", tmp_path / "cached"
+    assert main(["pretrain", "--out", str(big), *args, "train.batch_size=16"]) == 0
+    assert main(["pretrain", "--out", str(cached), *args, "train.batch_size=8",
+                 "train.contrastive_accum=2"]) == 0
+    assert "x 2 contrastive accumulation (GradCache)" in capsys.readouterr().out
+    _same_run(big, cached, steps=3, samples=16)
+
+
+def test_two_processes_through_the_loop(shapes, tmp_path):
+    """torchrun, 2 processes x 2 micro-batches of 4 per step (ZeRO-2) against one process x
+    batches of 16 holding, step by step, the samples both processes read."""
+    steps, micro = 3, 4
+    data = ["data.shuffle_buffer=0", f"data.train={shapes}/train",
+            f"tokenizer.path={shapes}/tokenizer.json"]
+    two = tmp_path / "two"
+    run("torchrun", 2, ["pretrain", "--out", str(two), "--no-progress", *TINY, *data,
+                        f"train.steps={steps}", f"train.batch_size={micro}",
+                        "train.contrastive_accum=2"])
+    tokenizer = load_tokenizer(shapes / "tokenizer.json")
+    per_rank = []
+    for rank in range(2):
+        loader = make_loader(f"{shapes}/train", tokenizer=tokenizer,
+                             transform=ImageTransform(64, train=True), batch_size=micro,
+                             context_length=32, num_workers=1, shuffle_buffer=0, seed=0,
+                             rank=rank, world_size=2)
+        per_rank.append([b.keys for b in loader if len(b)][:2 * steps])
+    members: dict = {}
+    for shard in sorted((shapes / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                members.setdefault(m.name.rsplit(".", 1)[0], []).append(
+                    (m, tar.extractfile(m).read()))
+    combined = tmp_path / "combined"
+    combined.mkdir()
+    with tarfile.open(combined / "00000.tar", "w") as tar:
+        for step in range(steps):
+            for rank in range(2):
+                for keys in per_rank[rank][2 * step:2 * step + 2]:
+                    for key in keys:
+                        for info, payload in members[key]:
+                            tar.addfile(info, io.BytesIO(payload))
+    one = tmp_path / "one"
+    assert main(["pretrain", "--out", str(one), "--no-progress", *TINY,
+                 "data.shuffle_buffer=0", f"data.train={combined}",
+                 f"tokenizer.path={shapes}/tokenizer.json", f"train.steps={steps}",
+                 "train.batch_size=16"]) == 0
+    _same_run(one, two, steps=steps, samples=16)
