@@ -38,7 +38,8 @@ def _reference(img, txt, t, b):
 def _model():
     torch.manual_seed(0)
     return (torch.nn.Linear(D_IN, D), torch.nn.Linear(D_IN, D),
-            torch.nn.Parameter(torch.tensor(math.log(10.0))), torch.nn.Parameter(torch.tensor(-10.0)))
+            torch.nn.Parameter(torch.tensor(math.log(10.0))),
+            torch.nn.Parameter(torch.tensor(-10.0)))
 
 
 def _data(n):

@@ -13,8 +13,9 @@ batch digest, the task's metrics], so that they agree without further communicat
 skipping a step whose loss is NaN/inf on any rank and on stopping at the same step on
 SIGTERM/Ctrl-C. With `train.contrastive_accum=K` the loss is that of K micro-batches at once
 (GradCache, vlp/engine/gradcache.py): the second row is exchanged once per K, and the K
-micro-batches go through the engine as K micro-steps. A checkpoint holds DeepSpeed's files, each rank's RNG state and data position,
-and the trainer state, published by an atomic rename (vlp/engine/checkpoint.py).
+micro-batches go through the engine as K micro-steps. A checkpoint holds DeepSpeed's files,
+each rank's RNG state and data position, and the trainer state, published by an atomic rename
+(vlp/engine/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -332,12 +333,12 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
                     continue  # the contrastive batch needs more micro-batches
                 cached = gradcache.CachedStep(task, engine, group)  # no graphs but the loss's
                 loss, values = cached.loss, cached.values
-                n, keys = sum(len(b) for b in group), [k for b in group for k in b.keys]
+                samples, keys = sum(len(b) for b in group), [k for b in group for k in b.keys]
                 group = []
             else:
                 loss, values = task.loss(engine, batch)
-                n, keys = len(batch), batch.keys
-            rows = dist.all_gather_rows([loss.item(), n, stop.requested, batch_digest(keys),
+                samples, keys = len(batch), batch.keys
+            rows = dist.all_gather_rows([loss.item(), samples, stop.requested, batch_digest(keys),
                                          *values], world)
             if not bool(torch.isfinite(rows[:, 0]).all()):
                 consecutive_bad += 1
