@@ -171,31 +171,33 @@ def test_with_grad_accum_on_top(world):
     _assert_same(got, want)
 
 
-def _worker(rank, port, loss, out):
+def _worker(rank, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     world = dist.init()
-    recipe = DualTowerRecipe(_cfg(loss), tokenizer=None, world_size=2)
     micro = _batches(2 * K, B)  # every rank makes all 2K, takes its K
-    losses, steps, _, _ = _cached_grads(recipe, world, [micro[rank * K:(rank + 1) * K]])
-    out[rank] = {"loss": losses[0], "grads": steps}
+    for loss in ("clip", "siglip"):
+        recipe = DualTowerRecipe(_cfg(loss), tokenizer=None, world_size=2)
+        losses, steps, _, _ = _cached_grads(recipe, world, [micro[rank * K:(rank + 1) * K]])
+        out[(loss, rank)] = {"loss": losses[0], "grads": steps}
     import torch.distributed as torch_dist
 
     torch_dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
-def test_two_processes_equal_one_big_batch(world, loss):
-    recipe = DualTowerRecipe(_cfg(loss), tokenizer=None, world_size=1)
-    micro = _batches(2 * K, B)
-    want_losses, want = _big_batch_grads(recipe, world, [_cat(micro)])
+def test_two_processes_equal_one_big_batch(world):
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), loss, out), nprocs=2, join=True)
-    for rank in (0, 1):
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
+    micro = _batches(2 * K, B)
+    for loss in ("clip", "siglip"):
+        recipe = DualTowerRecipe(_cfg(loss), tokenizer=None, world_size=1)
+        want_losses, want = _big_batch_grads(recipe, world, [_cat(micro)])
         # each rank's loss is its rows' (local-loss form); their mean is the global loss
-        assert (out[0]["loss"] + out[1]["loss"]) / 2 == pytest.approx(want_losses[0], rel=1e-6)
-        _assert_same(out[rank]["grads"], want)
+        mean = (out[(loss, 0)]["loss"] + out[(loss, 1)]["loss"]) / 2
+        assert mean == pytest.approx(want_losses[0], rel=1e-6)
+        for rank in (0, 1):
+            _assert_same(out[(loss, rank)]["grads"], want)
 
 
 class _DropoutTask:
