@@ -67,17 +67,14 @@ def _run_config(args: argparse.Namespace, overrides: list[str], cls, given: set 
     """The run's config, checked before any work: defaults <- --config <- overrides; with
     --resume, the resumed run's saved config.yaml comes first (what it was started with).
     `given` (a set) receives the keys set explicitly."""
-    from vlp.config import given_keys, load_config, read_yaml
+    from vlp.config import load_config, read_yaml
     from vlp.engine.loop import saved_config_path
 
     saved = None
     if args.resume and (args.out or args.resume != "latest"):
         saved = saved_config_path(args.out or ".", args.resume)
-    base = read_yaml(saved) if saved else None
-    cfg = load_config(args.config, overrides, cls=cls, base=base)
-    if given is not None:
-        given |= given_keys(args.config, overrides, base)
-    return cfg
+    return load_config(args.config, overrides, cls=cls,
+                       base=read_yaml(saved) if saved else None, given=given)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:

@@ -94,6 +94,10 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
     max_logit_scale: float = math.log(100.0)  # CLIP clamps exp(scale) at 100
+    # SigLIP's learnable logit bias (objectives.loss=siglip turns it on: a dual tower has the
+    # parameter only then, so directories written without it keep loading)
+    logit_bias: bool = False
+    init_logit_bias: float = -10.0  # SigLIP's init (Zhai et al. 2023, Sec. 3.2)
     # single-stream only: the visual tokens. patches: ViLT-style patch embeddings of the image
     # (model.vision.image_size/patch_size); regions: precomputed {key}.regions.npz features
     # with their boxes; roi_align: a patch encoder (model.vision) pooled over the json boxes.
@@ -136,6 +140,11 @@ class TrainConfig:
     steps: int = 800  # optimizer steps
     batch_size: int = 128  # per process (DeepSpeed's train_micro_batch_size_per_gpu)
     grad_accum: int = 1  # micro-batches per optimizer step (each its own contrastive batch)
+    # > 1: K micro-batches form ONE contrastive batch (GradCache: features cached without
+    # graphs, the loss over all K x batch_size x processes rows, each micro-batch recomputed
+    # with its feature gradients); recipe=dual_tower. An optimizer step takes
+    # grad_accum x contrastive_accum micro-batches.
+    contrastive_accum: int = 1
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 50
@@ -169,8 +178,13 @@ class EvalConfig:
 
 @dataclass
 class ObjectivesConfig:
-    """Single-stream pretraining objectives (weights 0 turn one off)."""
+    """The dual tower's contrastive loss; single-stream pretraining objectives (weights 0 turn
+    one off)."""
 
+    # recipe=dual_tower: clip (softmax InfoNCE, both directions) or siglip (a sigmoid per
+    # pair, with a learnable bias: sets model.logit_bias=true and, unless given,
+    # model.init_logit_scale=log 10, the paper's init)
+    loss: Literal["clip", "siglip"] = "clip"
     mlm_prob: float = 0.15  # BERT: of these, 80% [MASK], 10% random token, 10% unchanged
     whole_word: bool = False  # mask all pieces of a word together
     mrm_prob: float = 0.15  # regions masked (features zeroed) for MRC / MRFR
@@ -420,31 +434,47 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type = PretrainConfig, base: dict | None = None) -> Any:
+                cls: type = PretrainConfig, base: dict | None = None,
+                given: set[str] | None = None) -> Any:
     """Defaults <- `base` (a resumed run's saved config) <- YAML file <- `key=value`
-    overrides, each checked strictly."""
+    overrides, each checked strictly. `given` (a set), when passed, receives the dotted keys
+    some layer set explicitly (what derived defaults and model.init_from must not replace)."""
     cfg = cls()
+    given = set() if given is None else given
     if base:
         apply_dict(cfg, base)
+        given.update(flatten(base))
     if path is not None:
         try:
-            apply_dict(cfg, read_yaml(path))
+            data = read_yaml(path)
+            apply_dict(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+        given.update(flatten(data))
     if overrides:
-        apply_dict(cfg, parse_overrides(overrides))
+        updates = parse_overrides(overrides)
+        apply_dict(cfg, updates)
+        given.update(flatten(updates))
+    derive(cfg, given)
     validate(cfg)
     return cfg
 
 
-def given_keys(path: str | Path | None = None, overrides: list[str] | None = None,
-               base: dict | None = None) -> set[str]:
-    """The dotted keys a config file, overrides and base set explicitly (whatever their
-    values): what `model.init_from` must not silently replace."""
-    keys = set(flatten(base or {}))
-    if path is not None:
-        keys |= set(flatten(read_yaml(path)))
-    return keys | set(flatten(parse_overrides(overrides or [])))
+# SigLIP's initial temperature t' = log 10 (its bias starts at ModelConfig.init_logit_bias, -10;
+# Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", Sec. 3.2)
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+
+
+def derive(cfg: Any, given: set[str] | frozenset[str] = frozenset()) -> None:
+    """Defaults that follow from other keys, filled in once before validation (so a run's
+    config.yaml says what runs): objectives.loss=siglip gives the dual tower its logit bias and
+    SigLIP's initial temperature, unless `given` (the dotted keys set explicitly) names them."""
+    if not isinstance(cfg, PretrainConfig) or cfg.objectives.loss != "siglip":
+        return
+    if "model.logit_bias" not in given:
+        cfg.model.logit_bias = True
+    if "model.init_logit_scale" not in given:
+        cfg.model.init_logit_scale = SIGLIP_INIT_LOGIT_SCALE
 
 
 # What a resumed run may change: nothing already trained or read depends on these. train.steps
@@ -538,6 +568,18 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
             raise ConfigError("recipe=combined runs MLM on the text tower: set "
                               "model.text.mask=bidirectional (and model.text.pool=cls)")
     o = cfg.objectives
+    if o.loss == "siglip" and cfg.recipe != "dual_tower":
+        raise ConfigError(f"objectives.loss=siglip is the dual tower's loss; recipe="
+                          f"{cfg.recipe} has its own objectives (use recipe=dual_tower)")
+    if cfg.model.logit_bias != (o.loss == "siglip"):
+        raise ConfigError(f"model.logit_bias={cfg.model.logit_bias} with objectives.loss="
+                          f"{o.loss}: the logit bias is SigLIP's and only its loss trains it; "
+                          "leave model.logit_bias unset (objectives.loss=siglip sets it)")
+    if cfg.train.contrastive_accum > 1 and cfg.recipe != "dual_tower":
+        raise ConfigError(f"train.contrastive_accum={cfg.train.contrastive_accum} runs with "
+                          f"recipe=dual_tower only (recipe={cfg.recipe} has matching and "
+                          "masked-token losses that GradCache does not split); use "
+                          "train.grad_accum there")
     for key in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
         if not 0.0 <= getattr(o, key) <= 1.0:
             raise ConfigError(f"objectives.{key}={getattr(o, key)} must be within [0, 1]")
@@ -571,7 +613,8 @@ def _validate_inits(cfg: PretrainConfig) -> None:
 
 def _validate_train(t: TrainConfig) -> None:
     """The train block's ranges (both kinds of run)."""
-    for key in ("steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
+    for key in ("steps", "batch_size", "grad_accum", "contrastive_accum", "log_every",
+                "max_bad_steps"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
     for key in ("warmup_steps", "save_every", "keep_checkpoints", "threads"):
@@ -616,6 +659,10 @@ def _validate_swin(v: VisionConfig) -> None:
 
 def _validate_finetune(cfg: FinetuneConfig) -> None:
     _validate_train(cfg.train)
+    if cfg.train.contrastive_accum != 1:
+        raise ConfigError(f"train.contrastive_accum={cfg.train.contrastive_accum}: fine-tuning "
+                          "tasks take one contrastive batch per micro-batch; use "
+                          "train.grad_accum (contrastive_accum is for dual-tower pretraining)")
     positive = {"eval.batch_size": cfg.eval.batch_size,
                 "vqa.num_answers": cfg.vqa.num_answers,
                 "caption.max_length": cfg.caption.max_length,

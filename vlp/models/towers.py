@@ -308,11 +308,13 @@ class DualTower(nn.Module):
         # Shape (1,), not CLIP's 0-dim: DeepSpeed broadcasts parameters as byte views, which
         # 0-dim tensors cannot give. 0-dim checkpoints still load (_load_from_state_dict).
         self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.init_logit_scale)))
+        if cfg.logit_bias:  # SigLIP's learnable bias; absent otherwise (older directories load)
+            self.logit_bias = nn.Parameter(torch.full((1,), float(cfg.init_logit_bias)))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "logit_scale"
-        if key in state_dict and state_dict[key].dim() == 0:
-            state_dict[key] = state_dict[key].reshape(1)
+        for key in (prefix + "logit_scale", prefix + "logit_bias"):
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
@@ -333,7 +335,10 @@ class DualTower(nn.Module):
         return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()[0]
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (image_features (B, D), text_features (B, D), logit scale), features L2-normalised."""
-        return (self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask),
-                self.scale())
+                attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """-> (image_features (B, D), text_features (B, D), logit scale), features L2-normalised,
+        and the logit bias (a scalar) after them when the model has one (SigLIP). Returned from
+        the forward so that ZeRO-3, which gathers parameters only inside it, can train them."""
+        out = (self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask),
+               self.scale())
+        return (*out, self.logit_bias[0]) if self.cfg.logit_bias else out

@@ -1,5 +1,10 @@
-"""The dual-tower (CLIP) recipe: contrastive loss over all processes' features; the model
-directory is a `vlp.load`-able dual tower; evaluation is zero-shot retrieval on data.val.
+"""The dual-tower (CLIP) recipe: contrastive loss over all processes' features (CLIP's
+InfoNCE, or SigLIP's sigmoid loss with `objectives.loss=siglip`); the model directory is a
+`vlp.load`-able dual tower; evaluation is zero-shot retrieval on data.val.
+
+The loss is split into `embed` (one forward: features and the temperature/bias) and
+`embedding_loss` (the loss on them), so that `train.contrastive_accum` can compute the loss of
+several micro-batches at once (GradCache, vlp/engine/gradcache.py).
 
 Either tower can start from published weights (`resolve_tower_inits`, `init_towers`):
 model.vision.init_from (a vision-tower directory, or a dual-tower / combined model directory's
@@ -20,7 +25,7 @@ from vlp.models import DualTower
 from vlp.models.bert_init import bert_shape, read_bert_config
 from vlp.models.pretrained import Pretrained
 from vlp.models.towers import adopt_shape, adopt_vision_shape, init_towers
-from vlp.objectives import clip_loss, distributed_clip_loss
+from vlp.objectives import clip_loss, distributed_clip_loss, siglip_loss
 from vlp.recipes.init_from import load_start, start_transform
 from vlp.tokenizer import Tokenizer
 
@@ -94,7 +99,13 @@ class DualTowerRecipe(Task):
         self.cfg, self.tokenizer, self.val_spec = check_tower_inits(cfg, tokenizer), \
             tokenizer, val_spec
         self.eval_transform = start_transform(cfg, train=False)
-        self._loss = distributed_clip_loss if world_size > 1 else clip_loss
+        self.siglip = cfg.objectives.loss == "siglip"
+        if self.siglip != cfg.model.logit_bias:  # load_config derives one from the other
+            raise ConfigError(f"objectives.loss={cfg.objectives.loss} needs model.logit_bias="
+                              f"{self.siglip} (the bias is SigLIP's)")
+        if self.siglip:
+            self.metric_names = ("logit_scale", "logit_bias")
+        self._clip = distributed_clip_loss if world_size > 1 else clip_loss
 
     def loader_kwargs(self) -> dict:
         """Extra make_loader arguments: none, the image is the visual input."""
@@ -107,13 +118,24 @@ class DualTowerRecipe(Task):
             load_start(model, self.cfg)
         return model
 
-    def loss(self, engine, batch) -> tuple[torch.Tensor, list[float]]:
+    def embed(self, engine, batch) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """One forward: ((image features, text features) (B, D) each, (scale[, bias])), fp32."""
         pixels = batch.pixel_values.to(engine.device, engine.input_dtype)
-        image_features, text_features, scale = engine(
+        image_features, text_features, *shared = engine(
             pixels, batch.input_ids.to(engine.device), batch.attention_mask.to(engine.device))
-        loss = self._loss(image_features.float(), text_features.float(),
-                          scale.float())["contrastive_loss"]
-        return loss, [float(scale.detach())]
+        return (image_features.float(), text_features.float()), tuple(s.float() for s in shared)
+
+    def embedding_loss(self, rows, shared) -> tuple[torch.Tensor, list[float]]:
+        """The loss of this process's rows against every process's (local-loss form)."""
+        (image_features, text_features), (scale, *bias) = rows, shared
+        if self.siglip:
+            loss = siglip_loss(image_features, text_features, scale, bias[0])
+        else:
+            loss = self._clip(image_features, text_features, scale)
+        return loss["contrastive_loss"], [float(s.detach()) for s in shared]
+
+    def loss(self, engine, batch) -> tuple[torch.Tensor, list[float]]:
+        return self.embedding_loss(*self.embed(engine, batch))
 
     def save_model(self, model: DualTower, folder: Path) -> Path:
         return Pretrained(model, self.tokenizer, self.eval_transform).save(folder)
