@@ -223,6 +223,35 @@ def test_lock_shrinks_the_optimizer_and_keeps_weights(world, tmp_path, stage):
         assert not torch.equal(saved[k], init[k]), k
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_frozen_weights_exact_under_native_bf16(world, tmp_path, stage):
+    """DeepSpeed's native bf16 casts the module, frozen weights included, to bf16 (there is no
+    fp32 master of a weight outside the optimizer): the model directory's and the gathered
+    weights must still be the original fp32 ones, bit for bit."""
+    ds = json.loads((CONFIGS / f"zero{stage}.json").read_text())
+    ds.pop("torch_autocast", None)
+    ds["bf16"] = {"enabled": True}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    train = TrainConfig(steps=4, warmup_steps=1, lr=0.01, precision="bf16", batch_size=4,
+                        deepspeed=str(tmp_path / "ds.json"), lock_image=True)
+    init = _dual().state_dict()
+    engine = Engine(_dual(), train, world)
+    assert engine.input_dtype == torch.bfloat16
+    for s in range(2):
+        img, txt, scale = engine(*[x.to(torch.bfloat16) if x.is_floating_point() else x
+                                   for x in _batch(s)])
+        engine.backward(clip_loss(img.float(), txt.float(), scale.float())["contrastive_loss"])
+        engine.step()
+    engine.save(tmp_path / "ckpt")
+    saved, live = engine.consolidated_state_dict(tmp_path / "ckpt"), engine.full_state_dict()
+    engine.release()
+    frozen = [k for k in init if k.startswith("visual.")]
+    assert frozen
+    for k in frozen:
+        assert torch.equal(saved[k], init[k]) and torch.equal(live[k], init[k]), k
+    assert not torch.equal(saved["text.proj.weight"], init["text.proj.weight"])
+
+
 TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.layers=2",
         "model.vision.heads=2", "model.text.width=32", "model.text.layers=2",
         "model.text.heads=2", "tokenizer.vocab_size=200", "train.batch_size=16",
