@@ -56,7 +56,8 @@ def _as_tuple(x):
 
 
 class Engine:
-    """A DeepSpeed engine for `model` configured from `train` (see module docstring)."""
+    """A DeepSpeed engine for `model` configured from `train` (see module docstring). The
+    parameters `train.lock_*` freeze get requires_grad=False on `model` itself."""
 
     def __init__(self, model: nn.Module, train: TrainConfig, world: World):
         import deepspeed
