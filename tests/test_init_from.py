@@ -123,3 +123,20 @@ def test_unfit_weights_name_the_file_and_key(published_clip, ft_world, tmp_path,
                f"data.train={ft_world}/train", "train.steps=1", *RUN])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "model.safetensors" in err and "not safetensors" in err, err
+
+
+def test_a_new_image_size_resamples_the_positions(published_clip, ft_world):  # noqa: F811
+    """model.vision.image_size=96 from a 64-px directory: the learned grid resampled (4x4 ->
+    6x6, class position kept), every other weight as saved."""
+    from vlp.models.embed import resample_pos_embed
+
+    cfg, recipe, model = _recipe_model([f"model.init_from={published_clip}",
+                                        f"data.train={ft_world}/train",
+                                        "model.vision.image_size=96"])
+    assert cfg.model.vision.image_size == 96 and recipe.eval_transform.image_size == 96
+    saved = load_file(str(published_clip / "model.safetensors"))
+    ours = model.state_dict()
+    key = "visual.embed.pos_embed"
+    assert ours[key].shape[1] == 1 + 6 * 6
+    assert torch.equal(ours[key], resample_pos_embed(saved[key], 6, 1))
+    _assert_same_state(model, {k: v for k, v in saved.items() if k != key})

@@ -166,6 +166,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     threads: int = 0  # torch intra-op threads per process; 0: the cores / processes per node
+    # Frozen towers (vlp/engine/optim.py): out of the optimizer, unchanged bit for bit.
+    # lock_image: the whole image tower (OpenCLIP's --lock-image, LiT); with
+    # lock_image_unlocked_layers=N its last N blocks (and the final norm and projection) train
+    lock_image: bool = False
+    lock_image_unlocked_layers: int = 0
+    lock_text: bool = False  # the whole text tower (OpenCLIP's --lock-text)
+    # Layer-wise lr decay (BEiT): block i of L (0-based) in each tower / single-stream encoder
+    # trains at lr * layer_decay^(L - i), its embeddings at lr * layer_decay^(L + 1), everything
+    # after the blocks at lr. 1: off
+    layer_decay: float = 1.0
+    head_lr_mult: float = 1.0  # fine-tuning only: the task head trains at lr * head_lr_mult
 
 
 @dataclass
@@ -309,6 +320,21 @@ class FinetuneEvalConfig:
     best_metric: str = ""
 
 
+@dataclass
+class FinetuneVisionConfig:
+    """What a fine-tuning run may change of the pretrained image tower."""
+
+    # 0: the size the model was trained at; else fine-tune at this size (BLIP, METER, LAVIS
+    # fine-tune VQA and captioning above the pretraining resolution): learned patch positions
+    # are resampled bicubically (vlp/models/resize.py), the image transform resizes to it
+    image_size: int = 0
+
+
+@dataclass
+class FinetuneModelConfig:
+    vision: FinetuneVisionConfig = field(default_factory=FinetuneVisionConfig)
+
+
 def _finetune_train() -> TrainConfig:
     return TrainConfig(steps=1000, batch_size=64, lr=2e-4, min_lr=1e-6, warmup_steps=100,
                        weight_decay=0.01, save_every=250)
@@ -318,6 +344,7 @@ def _finetune_train() -> TrainConfig:
 class FinetuneConfig:
     task: Literal["vqa", "caption", "vcr", "retrieval", "refcoco"] = "vqa"
     init_from: str = ""  # the pretrained model directory (OUT/model of `vlp pretrain`)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     epochs: float = 0.0  # > 0: train.steps becomes this many passes over the training split
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     train: TrainConfig = field(default_factory=_finetune_train)
@@ -538,6 +565,7 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
             raise ConfigError(f"model.{name}.width={tower.width} must be divisible by "
                               f"model.{name}.heads={tower.heads}")
     _validate_train(cfg.train)
+    _validate_locks(cfg)
     positive = {"model.text.context_length": t.context_length,
                 "tokenizer.max_captions": cfg.tokenizer.max_captions,
                 "model.embed_dim": cfg.model.embed_dim, "eval.batch_size": cfg.eval.batch_size}
@@ -631,6 +659,40 @@ def _validate_train(t: TrainConfig) -> None:
             valid = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high < math.inf
                                                          else "")
             raise ConfigError(f"train.{key}={value} is not valid: a finite number {valid}")
+    if not (math.isfinite(t.layer_decay) and 0.0 < t.layer_decay <= 1.0):
+        raise ConfigError(f"train.layer_decay={t.layer_decay} is not valid: a number in (0, 1] "
+                          "(1: no decay; BEiT fine-tunes ViT-B with 0.65)")
+    if not (math.isfinite(t.head_lr_mult) and t.head_lr_mult > 0.0):
+        raise ConfigError(f"train.head_lr_mult={t.head_lr_mult} is not valid: a finite number "
+                          "> 0 (1: the head trains at train.lr)")
+    if t.lock_image_unlocked_layers < 0:
+        raise ConfigError(f"train.lock_image_unlocked_layers={t.lock_image_unlocked_layers} "
+                          "must be >= 0")
+    if t.lock_image_unlocked_layers and not t.lock_image:
+        raise ConfigError(f"train.lock_image_unlocked_layers={t.lock_image_unlocked_layers} "
+                          "keeps blocks of a frozen image tower trainable: set "
+                          "train.lock_image=true too")
+
+
+def _validate_locks(cfg: PretrainConfig) -> None:
+    """train.lock_* / head_lr_mult against the pretraining model's towers (a fine-tuning
+    run's model comes from init_from: vlp/engine/optim.py checks it when it is built)."""
+    tr, v = cfg.train, cfg.model.vision
+    single = cfg.recipe == "single_stream"
+    if tr.lock_text and single:
+        raise ConfigError("train.lock_text=true: recipe=single_stream has no text tower (words "
+                          "enter the one joint Transformer); drop train.lock_text")
+    if tr.lock_image and single and cfg.model.visual_tokens != "roi_align":
+        raise ConfigError(f"train.lock_image=true: recipe=single_stream with "
+                          f"model.visual_tokens={cfg.model.visual_tokens} has no image tower "
+                          "(only model.visual_tokens=roi_align has one); drop train.lock_image")
+    blocks = sum(v.stage_depths) if v.arch == "swin" and not single else v.layers
+    if tr.lock_image and tr.lock_image_unlocked_layers > blocks:
+        raise ConfigError(f"train.lock_image_unlocked_layers={tr.lock_image_unlocked_layers} but "
+                          f"the image tower has {blocks} blocks; choose 0..{blocks}")
+    if tr.head_lr_mult != 1.0:
+        raise ConfigError(f"train.head_lr_mult={tr.head_lr_mult}: pretraining has no task head "
+                          "(the key is for vlp finetune); drop it")
 
 
 def _validate_swin(v: VisionConfig) -> None:
@@ -674,7 +736,8 @@ def _validate_finetune(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"epochs={cfg.epochs} must be a finite number >= 0")
     for key, value in (("epochs", cfg.epochs), ("data.num_workers", cfg.data.num_workers),
                        ("retrieval.rerank_k", cfg.retrieval.rerank_k),
-                       ("eval.every", cfg.eval.every)):
+                       ("eval.every", cfg.eval.every),
+                       ("model.vision.image_size", cfg.model.vision.image_size)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     if not 0.0 <= cfg.caption.label_smoothing < 1.0:

@@ -39,6 +39,7 @@ from vlp.data.transforms import ImageTransform
 from vlp.data.visual import VisualNeeds
 from vlp.models.combined import Combined
 from vlp.models.regions import RoIRegionFeatures
+from vlp.models.resize import at_image_size
 from vlp.models.single_stream import MLMHead, SingleStream
 from vlp.tokenizer import Tokenizer
 
@@ -89,11 +90,12 @@ class JointEncoder(nn.Module):
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_pretrained(cls, path: str | Path, fusion: FusionConfig | None = None
-                        ) -> tuple["JointEncoder", Tokenizer, ImageTransform]:
+    def from_pretrained(cls, path: str | Path, fusion: FusionConfig | None = None,
+                        image_size: int = 0) -> tuple["JointEncoder", Tokenizer, ImageTransform]:
         """The joint encoder of a pretrained model directory (its weights loaded), its
-        tokenizer and eval transform."""
-        folder = modeldir.read(path, ARCHITECTURES)
+        tokenizer and eval transform; `image_size` > 0: at that image size (positions
+        resampled, vlp/models/resize.py)."""
+        folder = at_image_size(modeldir.read(path, ARCHITECTURES), image_size)
         arch = folder.architecture
         tokenizer = folder.tokenizer()
         spec = {"architecture": arch, "model": folder.config["model"],

@@ -2,7 +2,8 @@
 (continuing a converted CLIP, or a vlp run, on other data).
 
 The model's shape and tokenizer come from DIR: a `model.*` key the run sets to a value other
-than DIR's (and other than the default) is refused by name, as is a `tokenizer.path` naming
+than DIR's is refused by name (but model.vision.image_size: DIR's learned position grid is
+resampled to it), as is a `tokenizer.path` naming
 another vocabulary. The weights are loaded exactly (every key, every shape) before the first
 step. What each recipe takes:
 
@@ -21,17 +22,18 @@ import torch
 from vlp import modeldir
 from vlp.config import ConfigError, ModelConfig, PretrainConfig, flatten, from_dict, to_dict
 from vlp.data.transforms import ImageTransform
+from vlp.models.resize import at_image_size
 from vlp.models.towers import VISION_SOURCES
 
 ACCEPTS = {"dual_tower": ("dual_tower", "combined"),
            "combined": ("combined", "dual_tower"),
            "single_stream": ("single_stream",)}
-# model.* keys a run may set freely: they do not change the weights' shapes or meaning
-FREE = ("init_from", "init_logit_scale", "max_logit_scale")
+# model.* keys a run may set freely: they do not change the weights' shapes or meaning (a new
+# image size resamples the learned position grid: vlp/models/resize.py)
+FREE = ("init_from", "init_logit_scale", "max_logit_scale", "vision.image_size")
 
 
-def read_start(cfg: PretrainConfig) -> modeldir.ModelDir | None:
-    """The directory model.init_from names, checked against the recipe (None without one)."""
+def _read(cfg: PretrainConfig) -> modeldir.ModelDir | None:
     if not cfg.model.init_from:
         return None
     try:
@@ -40,13 +42,20 @@ def read_start(cfg: PretrainConfig) -> modeldir.ModelDir | None:
         raise ConfigError(f"model.init_from: {e} (recipe={cfg.recipe})") from None
 
 
+def read_start(cfg: PretrainConfig) -> modeldir.ModelDir | None:
+    """The directory model.init_from names, checked against the recipe and read at the run's
+    image size (None without one). `cfg`: a resolved config (adopt_start's)."""
+    folder = _read(cfg)
+    return folder and at_image_size(folder, cfg.model.vision.image_size)
+
+
 def adopt_start(cfg: PretrainConfig, given: set[str] | None = None
                 ) -> tuple[PretrainConfig, list[str]]:
     """With model.init_from, the run's model config and tokenizer become the directory's.
     Returns (the resolved copy of `cfg`, what was taken, for the log); raises ConfigError
     naming the first `model.*` or `tokenizer.path` setting that conflicts with DIR. `given`:
     the dotted keys the user set (None: any value other than the default counts as set)."""
-    start = read_start(cfg)
+    start = _read(cfg)
     if start is None:
         return cfg, []
     source = cfg.model.init_from
@@ -75,6 +84,10 @@ def adopt_start(cfg: PretrainConfig, given: set[str] | None = None
                     max_logit_scale=cfg.model.max_logit_scale)
     if fresh_fusion:
         model = replace(model, fusion=cfg.model.fusion)
+    size = cfg.model.vision.image_size
+    if ("model.vision.image_size" in given if given is not None
+            else size != ModelConfig().vision.image_size):
+        model = replace(model, vision=replace(model.vision, image_size=size))
     if cfg.recipe == "combined" and model.text.mask != "bidirectional":
         raise ConfigError(f"model.init_from={source} has a {model.text.mask} text tower; "
                           "recipe=combined runs MLM on it and needs a bidirectional one (a "
