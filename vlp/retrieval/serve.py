@@ -264,12 +264,14 @@ def read_upload(body: bytes, content_type: str,
 
 
 def decode_image(image: Image.Image) -> Image.Image:
-    """Decode an opened upload's pixels (a truncated or corrupt body fails here: 415)."""
+    """An opened upload's pixels, decoded (a truncated or corrupt body fails here: 415), as an
+    image of their own: the opened one keeps the whole upload's bytes for as long as it
+    lives, which may be until the model has used it."""
     try:
         image.load()
     except Exception:  # noqa: BLE001 - PIL raises many types
         raise not_an_image() from None
-    return image
+    return image.copy()
 
 
 # --------------------------------------------------------------------------- load control
@@ -399,11 +401,13 @@ def api_endpoint(handler):
     return run
 
 
-def query_params(request: Request, valid: Sequence[str]) -> dict[str, list[str]]:
+def query_params(request: Request, valid: Sequence[str],
+                 keep_blank: bool = False) -> dict[str, list[str]]:
     """The query string's parameters (each a list of values), only those in `valid`; values
-    must be valid percent-encoded UTF-8."""
+    must be valid percent-encoded UTF-8. `keep_blank`: keep `?name=` (else dropped)."""
     try:
-        query = parse_qs(request.url.query, max_num_fields=16, errors="strict")
+        query = parse_qs(request.url.query, keep_blank_values=keep_blank, max_num_fields=16,
+                         errors="strict")
     except UnicodeDecodeError:
         raise ApiError(HTTPStatus.BAD_REQUEST, "the query string is not valid UTF-8 "
                        "(percent-encode text as UTF-8)") from None
@@ -412,8 +416,9 @@ def query_params(request: Request, valid: Sequence[str]) -> dict[str, list[str]]
                        f"{', '.join(valid)}") from None
     unknown = sorted(set(query) - set(valid))
     if unknown:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown parameter(s) "
-                       f"{', '.join(_show(u) for u in unknown[:5])}; valid: {', '.join(valid)}")
+        shown = ", ".join(_show(u) for u in unknown[:5])
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown parameter(s) {shown}; valid: "
+                       f"{', '.join(valid) or 'none'}")
     return query
 
 
@@ -502,7 +507,7 @@ class Service:
                 body = await self.read_body(request, MAX_IMAGE_BYTES)
                 image, named = await asyncio.to_thread(read_upload, body, content_type, fields)
                 await held.enter_async_context(self.pixels.take(image.width * image.height))
-                await asyncio.to_thread(decode_image, image)
+                image = await asyncio.to_thread(decode_image, image)
                 del body
             yield image, named
 
