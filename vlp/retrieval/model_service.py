@@ -147,9 +147,9 @@ class ModelService(Service):
     def _require(self, task: str) -> None:
         """A request for the other task: 400 naming what this model answers."""
         if task != self.task:
-            kind = "VQA" if self.task == "vqa" else "captioning"
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"this server runs a {kind} model, which "
-                           f"does not do {task}: use {ENDPOINTS[self.task]}")
+            kinds = {"vqa": "VQA", "caption": "captioning"}
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"this server runs a {kinds[self.task]} "
+                           f"model, not a {kinds[task]} one: use {ENDPOINTS[self.task]}")
 
     @api_endpoint
     async def caption(self, request: Request) -> Response:
