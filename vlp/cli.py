@@ -31,7 +31,9 @@
         [--chunk-size N] [--max-memory 4GB] [--index-type auto|flat|hnsw|ivf|ivf-hnsw|ivf-pq|
         opq-pq|FAISS_FACTORY]   (a rerun resumes a killed build; written chunks are kept)
     vlp search "QUERY" --index DIR [-k 10] [--image PATH] [--mode image|text] [--json]
-    vlp serve --index DIR [--host 127.0.0.1] [--port 8000]
+    vlp serve --index DIR [--model DIR] [--host 127.0.0.1] [--port 8000]   (search page + API)
+    vlp serve --model FINETUNED_DIR [--host 127.0.0.1] [--port 8000]
+        (demo page + API of a fine-tuned VQA or captioning model: upload an image, ask)
     vlp plot RUN [RUN ...] --out curves.png [--metrics NAME ...]
 """
 from __future__ import annotations
@@ -399,6 +401,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.index is None:
+        if args.model is None:
+            print("vlp serve: error: give --index DIR (the search page over an index) or "
+                  "--model DIR (the demo of a fine-tuned VQA or captioning model)",
+                  file=sys.stderr)
+            return 2
+        return _serve_model(args)
     from vlp.retrieval.search import Searcher
     from vlp.retrieval.serve import make_server
 
@@ -411,6 +420,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     searcher.model  # load it now: the first query should not wait for it
     print(f"serving {args.index} ({searcher.count} images) on {server.url}  (Ctrl-C stops)",
           flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _serve_model(args: argparse.Namespace) -> int:
+    from vlp.retrieval.model_service import make_model_server
+
+    try:  # the port is bound first: a port in use fails before the model loads
+        server = make_model_server(args.model, args.host, args.port, device=args.device)
+    except (OSError, ValueError) as e:  # BindError, no model directory, ModelDirError
+        print(f"vlp serve: error: {e}", file=sys.stderr)
+        return 2
+    task = server.service.task
+    print(f"serving the {task} model {args.model} on {server.url}  (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -640,13 +668,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     p.set_defaults(func=_cmd_search)
 
-    p = sub.add_parser("serve", help="HTTP search API and web page over an index")
-    p.add_argument("--index", required=True, help="index folder (vlp index build --out)")
+    p = sub.add_parser("serve", help="HTTP API and web page: search over an index (--index), "
+                       "or the demo of a fine-tuned VQA / captioning model (--model alone)")
+    p.add_argument("--index", help="index folder (vlp index build --out): serve the search")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", help="model directory (default: the one the index was built "
-                   "with)")
+    p.add_argument("--model", help="with --index: the model for the queries (default: the one "
+                   "the index was built with); alone: a fine-tuned VQA or captioning model "
+                   "directory (vlp finetune vqa|caption's OUT/model) to try in the browser")
     _add_device_arg(p)
     p.set_defaults(func=_cmd_serve)
 
