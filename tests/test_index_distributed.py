@@ -115,8 +115,8 @@ def test_two_processes_build_what_one_builds(shards, model_dir, reference, tmp_p
     assert "image.index:" in proc.stdout
 
 
-def test_partial_builds_resume_with_any_number_of_processes(shards, model_dir, reference,  # noqa: F811
-                                                            tmp_path):
+def test_partial_builds_resume_with_any_number_of_processes(  # noqa: F811
+        shards, model_dir, reference, tmp_path):
     """2 processes stop after one chunk each, 1 process adds one more, 2 processes (through
     deepspeed's launcher) finish: the chunks written on the way are kept (not rewritten) and
     the result is the one-process build."""

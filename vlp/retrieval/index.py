@@ -587,7 +587,11 @@ def open_index(index_dir: str | Path, modality: str, record: dict | None = None
             lists.read_only = True
             lists.do_mmap()
             return index
-    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC)
+    return faiss.read_index(str(path), _MMAP)
+
+
+# Map flat codes and IVF lists (faiss >= 1.11); older faiss maps the IVF lists only
+_MMAP = getattr(faiss, "IO_FLAG_MMAP_IFC", None) or faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
 
 
 def _held_out_captions(index_dir: Path, ids: np.ndarray) -> list[str]:

@@ -70,7 +70,8 @@ def rank_device(device: str | None, world: World) -> str | None:
     """The device this rank embeds on: with several processes and GPUs, "cuda" (or nothing)
     means this rank's own GPU (local rank), as training places its ranks."""
     if world.size > 1 and torch.cuda.is_available() and device in (None, "", "cuda"):
-        return f"cuda:{dist.cuda_device(world.local_rank, world.local_size, torch.cuda.device_count())}"
+        gpu = dist.cuda_device(world.local_rank, world.local_size, torch.cuda.device_count())
+        return f"cuda:{gpu}"
     return device
 
 
@@ -240,6 +241,7 @@ def embed_distributed(model_dir: str | Path, data: str | Sequence[str], out: str
     for run in runs:
         if left is not None and left <= 0:
             break
+        last = "end" if run.stop is None else run.stop - 1
         limit = None if run.stop is None else run.stop - run.first
         if left is not None:
             limit = left if limit is None else min(limit, left)
@@ -247,8 +249,8 @@ def embed_distributed(model_dir: str | Path, data: str | Sequence[str], out: str
                            chunk_size=chunk_size, batch_size=batch_size, local_ids=True,
                            max_chunks=limit, progress=progress and world.is_main,
                            total=n if run.stop is None else min(n, run.stop * chunk_size),
-                           desc=f"embed chunks {run.first}-{'end' if run.stop is None else run.stop - 1} "
-                                f"(rank {world.rank} of {world.size})")
+                           desc=f"embed chunks {run.first}-{last} (rank {world.rank} of "
+                                f"{world.size})")
         written += end.written
         left = None if left is None else left - end.written
         if end.complete:  # this rank read the end of the data: the chunk count is known now
