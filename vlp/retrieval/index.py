@@ -553,9 +553,13 @@ def add_on_disk(index: faiss.Index, chunks: Chunks, n: int, ivfdata: Path, work:
 
     with tqdm(total=n, desc=desc, unit="vec", disable=not progress) as bar:
         for first_id, x in chunks():
-            if len(x):
+            done = 0
+            while done < len(x):  # a chunk may be larger than a block
                 part = part or faiss.deserialize_index(empty)
-                part.add_with_ids(x, np.arange(first_id, first_id + len(x), dtype=np.int64))
+                take = min(len(x) - done, block_rows - part.ntotal)
+                part.add_with_ids(x[done:done + take], np.arange(
+                    first_id + done, first_id + done + take, dtype=np.int64))
+                done += take
                 if part.ntotal >= block_rows:
                     flush()
             bar.update(len(x))
@@ -587,11 +591,11 @@ def open_index(index_dir: str | Path, modality: str, record: dict | None = None
             lists.read_only = True
             lists.do_mmap()
             return index
-    return faiss.read_index(str(path), _MMAP)
-
-
-# Map flat codes and IVF lists (faiss >= 1.11); older faiss maps the IVF lists only
-_MMAP = getattr(faiss, "IO_FLAG_MMAP_IFC", None) or faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+    if "IVF" in (record or {}).get("factory", ""):
+        # the lists become OnDiskInvertedLists over the index file, read-only
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    # flat codes (Flat, HNSW storage) mapped: faiss >= 1.11; older ones read them
+    return faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
 
 
 def _held_out_captions(index_dir: Path, ids: np.ndarray) -> list[str]:
