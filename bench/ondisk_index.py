@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--chunk", type=int, default=100_000, help="vectors per chunk file")
     p.add_argument("--work", default="/tmp/vlp_ondisk_bench", help="folder for the indexes")
+    p.add_argument("--rounds", type=int, default=3, help="search measurements, interleaved "
+                   "across the indexes (medians reported)")
+    p.add_argument("--reuse", action="store_true", help="search the indexes --work already "
+                   "holds (built by an earlier run) instead of building them again")
     p.add_argument("--out", help="also write the rows as JSON here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -165,16 +169,18 @@ def main() -> None:
         print(json.dumps(_worker_build(*rest) if kind == "build" else _worker_search(*rest)))
         return
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
     ram, disk = work / "ram", work / "disk"
     centres = _centres(args.dim, args.seed)
-    t = time.perf_counter()
-    store_embeddings(ram, _chunks(args, centres))
-    shutil.copytree(ram, disk, copy_function=os.link)  # the same chunk files
     corpus = args.n * args.dim * 4
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
+        t = time.perf_counter()
+        store_embeddings(ram, _chunks(args, centres))
+        shutil.copytree(ram, disk, copy_function=os.link)  # the same chunk files
+        print(f"corpus written in {time.perf_counter() - t:.0f} s", flush=True)
     print(f"corpus: {args.n} x {args.dim} float32 = {corpus / 1e6:.0f} MB "
-          f"({corpus / parse_memory(args.max_memory):.1f}x --max-memory {args.max_memory}); "
-          f"written in {time.perf_counter() - t:.0f} s", flush=True)
+          f"({corpus / parse_memory(args.max_memory):.1f}x --max-memory {args.max_memory})",
+          flush=True)
 
     queries = _points(centres, args.queries, np.random.default_rng(args.seed + 2))
     np.save(work / "queries.npy", queries)
@@ -188,37 +194,53 @@ def main() -> None:
             first += len(x)
 
     exact = exact_knn(queries, chunks())[1]
-    rows = []
-    for name, folder, budget in (("in RAM", ram, "4GB"), ("on disk", disk, args.max_memory)):
-        built = _spawn("build", str(folder), budget)
-        r = built["record"]
-        print(f"{name}: {r['factory']} {r['storage']}, built in {built['build_s']} s "
-              f"(train {r['train_s']} s, add {r['add_s']} s), peak {built['peak_anon']} MB "
-              f"anonymous, {built['VmHWM']} MB with mapped files", flush=True)
-        for how in (("loaded", "mapped") if name == "in RAM" else ("mapped",)):
+    variants = (("in RAM", ram, "4GB"), ("on disk", disk, args.max_memory))
+    builds_file = work / "builds.json"
+    builds = json.loads(builds_file.read_text()) if args.reuse else {}
+    for name, folder, budget in variants:
+        if name not in builds:
+            builds[name] = _spawn("build", str(folder), budget)
+            builds_file.write_text(json.dumps(builds))
+        b, r = builds[name], builds[name]["record"]
+        print(f"{name}: {r['factory']} {r['storage']}, built in {b['build_s']} s "
+              f"(train {r['train_s']} s, add {r['add_s']} s), peak {b['peak_anon']} MB "
+              f"anonymous, {b['VmHWM']} MB with mapped files", flush=True)
+
+    searches = [(name, folder, how) for name, folder, _ in variants
+                for how in (("loaded", "mapped") if name == "in RAM" else ("mapped",))]
+    measured: dict[tuple, list[dict]] = {(n, h): [] for n, _, h in searches}
+    for _ in range(args.rounds):  # interleaved: the machine's load hits every variant alike
+        for name, folder, how in searches:
             _drop_cache(folder)
             s = _spawn("search", str(folder), how, str(work / "queries.npy"))
-            rows.append({"index": name, "opened": how, "factory": r["factory"],
-                         "storage": r["storage"], "max_memory": budget,
-                         "build_s": built["build_s"], "train_s": r["train_s"],
-                         "add_s": r["add_s"], "parts": r.get("parts"),
-                         "build_peak_anon_MB": built["peak_anon"],
-                         "build_peak_MB": built["VmHWM"],
-                         "files_MB": round(sum(p.stat().st_size for p in
-                                               [*folder.glob("*.index"),
-                                                *folder.glob("*.ivfdata")]) / 1e6, 1),
-                         "search_params": r["search_params"],
-                         "recall@10": round(recall_at_k(np.array(s["found"]), exact), 4),
-                         "qps_cold": s["qps_cold"], "qps_warm": s["qps_warm"],
-                         "search_RssAnon_MB": s["RssAnon"], "search_RssFile_MB": s["RssFile"],
-                         "search_peak_MB": s["VmHWM"], "open_s": s["opened_MB"]["s"],
-                         "open_RssAnon_MB": s["opened_MB"]["RssAnon"]})
-            print(json.dumps(rows[-1]), flush=True)
+            s["recall"] = recall_at_k(np.array(s.pop("found")), exact)
+            measured[(name, how)].append(s)
+    rows = []
+    for name, folder, how in searches:
+        b, r, runs = builds[name], builds[name]["record"], measured[(name, how)]
+        med = lambda key, sub=None: float(np.median(  # noqa: E731
+            [x[key] if sub is None else x[key][sub] for x in runs]))
+        rows.append({"index": name, "opened": how, "factory": r["factory"],
+                     "storage": r["storage"], "max_memory": r["max_memory_bytes"],
+                     "build_s": b["build_s"], "train_s": r["train_s"], "add_s": r["add_s"],
+                     "parts": r.get("parts"), "build_peak_anon_MB": b["peak_anon"],
+                     "build_peak_MB": b["VmHWM"],
+                     "files_MB": round(sum(p.stat().st_size for p in
+                                           [*folder.glob("*.index"),
+                                            *folder.glob("*.ivfdata")]) / 1e6, 1),
+                     "search_params": r["search_params"],
+                     "recall@10": round(runs[0]["recall"], 4),
+                     "qps_cold": med("qps_cold"), "qps_warm": med("qps_warm"),
+                     "search_RssAnon_MB": med("RssAnon"), "search_RssFile_MB": med("RssFile"),
+                     "open_s": med("opened_MB", "s"),
+                     "open_RssAnon_MB": med("opened_MB", "RssAnon"), "rounds": len(runs)})
+        print(json.dumps(rows[-1]), flush=True)
     head = ("| index | opened | build s (train + add) | build peak MB anon (all) | files MB | "
             "recall@10 | open s | queries/s cold / warm | search RSS MB anon / file |")
     print("\n" + head + "\n|" + "---|" * 9)
     for r in rows:
-        print(f"| {r['index']} ({r['factory']}, --max-memory {r['max_memory']}) | {r['opened']} "
+        budget = f"{r['max_memory'] / 1e6:.0f}MB"
+        print(f"| {r['index']} ({r['factory']}, --max-memory {budget}) | {r['opened']} "
               f"| {r['build_s']} ({r['train_s']} + {r['add_s']}) | {r['build_peak_anon_MB']:.0f} "
               f"({r['build_peak_MB']:.0f}) | {r['files_MB']:.0f} | {r['recall@10']:.3f} | "
               f"{r['open_s']} | {r['qps_cold']:.0f} / {r['qps_warm']:.0f} | "

@@ -471,6 +471,7 @@ def embed_corpus(model_dir: str | Path, data: str | Sequence[str], out: str | Pa
             with db:
                 db.execute("INSERT OR REPLACE INTO state VALUES ('complete', ?)",
                            (json.dumps({"raw": end.raw}),))
+            shutil.rmtree(out / PARTS_DIR, ignore_errors=True)  # a multi-process run's rest
         return EmbedReport(end.first_id, end.chunk, end.written, total_skips(db), end.complete)
     finally:
         db.close()

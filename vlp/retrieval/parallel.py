@@ -30,6 +30,7 @@ import datetime
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -161,10 +162,15 @@ def plan(out: Path, text: bool, counts: Sequence[int], chunk_size: int, ranks: i
 # --------------------------------------------------------------------------- the run
 def _shared_folder(out: Path, world: World, token: str) -> None:
     """Every rank must see the files rank 0 writes (rank 0 reads every rank's chunks)."""
-    try:
-        seen = json.loads((out / PARTS_DIR / TOKEN_FILE).read_text())["token"] == token
-    except (OSError, ValueError, KeyError):
-        seen = False
+    seen = False
+    for _ in range(50):  # a network filesystem may show a new file a moment later
+        try:
+            seen = json.loads((out / PARTS_DIR / TOKEN_FILE).read_text())["token"] == token
+        except (OSError, ValueError, KeyError):
+            seen = False
+        if seen:
+            break
+        time.sleep(0.2)
     blind = [r for r, ok in enumerate(dist.all_gather_object(seen, world)) if not ok]
     if blind:
         raise ValueError(f"--out {out}: rank(s) {blind} cannot see the files rank 0 writes "
@@ -217,17 +223,26 @@ def embed_distributed(model_dir: str | Path, data: str | Sequence[str], out: str
         check_settings(out, settings)
         token = secrets.token_hex(8)
         write_atomic(out / PARTS_DIR / TOKEN_FILE, json.dumps({"token": token}).encode())
-        return token, _saved_counts(out, urls)
+        db = connect(out)
+        try:  # what a killed merge left; a complete folder needs no counting
+            merge_parts(db, out, text)
+            complete = is_complete(db)
+        finally:
+            db.close()
+        return token, _saved_counts(out, urls), complete
 
-    token, known = _from_main(world, prepare)
+    token, known, complete = _from_main(world, prepare)
     _shared_folder(out, world, token)
     sizes = dist.all_gather_object(settings["model"]["size"], world)
     if len(set(sizes)) > 1:
         raise ValueError(f"{model_dir}/model.safetensors differs between ranks (sizes "
                          f"{sizes}): every process must embed with the same weights")
-    counts = _counts(out, urls, world, known)
-    n = int(sum(counts))
-    runs = _from_main(world, lambda: plan(out, text, counts, chunk_size, world.size))[world.rank]
+    runs: list[Run] = []
+    if not complete:
+        counts = _counts(out, urls, world, known)
+        n = int(sum(counts))
+        runs = _from_main(world, lambda: plan(out, text, counts, chunk_size, world.size)
+                          )[world.rank]
 
     rows = 0
 
