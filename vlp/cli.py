@@ -29,7 +29,8 @@
         .safetensors / hub folder -> vision-tower dir; --heads for timm only)
     vlp index build --model DIR --data SHARDS --out INDEX_DIR [--text] [--batch-size N]
         [--chunk-size N] [--max-memory 4GB] [--index-type auto|flat|hnsw|ivf|ivf-hnsw|ivf-pq|
-        opq-pq|FAISS_FACTORY]   (a rerun resumes a killed build; written chunks are kept)
+        opq-pq|FAISS_FACTORY] [--on-disk] [--max-chunks N]   (a rerun resumes a killed build;
+        written chunks are kept; also under torchrun / deepspeed: every process embeds a share)
     vlp search "QUERY" --index DIR [-k 10] [--image PATH] [--mode image|text] [--json]
     vlp serve --index DIR [--model DIR] [--host 127.0.0.1] [--port 8000]   (search page + API)
     vlp serve --model FINETUNED_DIR [--host 127.0.0.1] [--port 8000]
@@ -356,11 +357,14 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         info = build(args.model, args.data, args.out, text=args.text, device=args.device,
                      batch_size=args.batch_size, chunk_size=args.chunk_size, dtype=args.dtype,
                      index_type=args.index_type, max_memory=args.max_memory,
+                     on_disk=True if args.on_disk else None, max_chunks=args.max_chunks,
                      progress=not args.no_progress)
     except ValueError as e:  # bad settings, or a resume with other settings: no traceback
         print(f"vlp index build: error: {e}", file=sys.stderr)
         return 2
     print(info["embed"])
+    if "rank" in info or not info.get("complete", True):
+        return 0  # another rank of a multi-process build (rank 0 reports), or --max-chunks
     for modality in ("image", "text"):
         if modality in info:
             r = info[modality]
@@ -651,6 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", default="4GB", help="memory budget of the index, e.g. 4GB")
     p.add_argument("--index-type", default="auto", help="auto, flat, hnsw, ivf, ivf-hnsw, "
                    "ivf-pq, opq-pq, or a faiss factory string (e.g. 'IVF1024,PQ32x8')")
+    p.add_argument("--on-disk", action="store_true", help="keep the IVF inverted lists on disk "
+                   "(default: when they exceed --max-memory)")
+    p.add_argument("--max-chunks", type=int, help="stop after embedding N chunks (per "
+                   "process) and build no index yet; rerun to go on")
     p.add_argument("--no-progress", action="store_true")
     _add_device_arg(p)
     p.set_defaults(func=_cmd_index_build)
