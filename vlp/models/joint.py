@@ -201,11 +201,16 @@ class JointEncoder(nn.Module):
         self.core.set_grad_checkpointing(enabled)
 
     # ------------------------------------------------------------------ forward
-    def encode_visual(self, visual: dict) -> dict:
+    def encode_visual(self, visual: dict, *, objects: bool = False,
+                      object_boxes: torch.Tensor | None = None,
+                      object_mask: torch.Tensor | None = None) -> dict:
         """The visual tokens of `visual`'s raw inputs, ready for `forward(..., visual=<this>)`:
         {"visual_tokens" (B, R, W), "visual_mask" (B, R)} (single stream, embedded) or
         {"image_tokens" (B, 1+g*g, W)} (the vision tower's output). Rows index like the
-        inputs'. Grounded words (token_objects) still need the raw inputs."""
+        inputs'. For grounded words (token_objects) a single stream also needs `objects=True`:
+        "objects" (B, N, W), the embeddings grounded words add (the regions', or for patch
+        tokens `object_boxes` pooled from the patch grid); fused backbones pool theirs from
+        "image_tokens" in `forward` (given object_boxes there)."""
         if self.architecture != "single_stream":
             return {"image_tokens": self.core.towers.visual.forward_features(
                 visual["pixel_values"])}
@@ -215,9 +220,19 @@ class JointEncoder(nn.Module):
                                                   visual.get("region_features"),
                                                   visual["region_boxes"], visual["region_mask"])
             vis, vmask = m.embed_visual(feats, boxes, rmask)
+            out = {"visual_tokens": vis, "visual_mask": vmask}
+            if objects:
+                out["objects"] = m.region_embed(feats, boxes)
         else:
             vis, vmask = m.embed_visual(None, None, None, visual["pixel_values"])
-        return {"visual_tokens": vis, "visual_mask": vmask}
+            out = {"visual_tokens": vis, "visual_mask": vmask}
+            if objects:
+                if object_boxes is None:
+                    raise ValueError("grounded words need object_boxes with patch tokens")
+                out["objects"] = self._pool_grid(m.patch_embed(visual["pixel_values"]),
+                                                 m.patch_embed.grid_size, object_boxes,
+                                                 object_mask)
+        return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: dict, *,
                 causal_text: bool = False, token_objects: torch.Tensor | None = None,
@@ -247,8 +262,10 @@ class JointEncoder(nn.Module):
         word_add = None
         if "visual_tokens" in visual:  # encode_visual's output
             if token_objects is not None:
-                raise ValueError("grounded words (token_objects) need the raw visual inputs, "
-                                 "not encode_visual's tokens")
+                if "objects" not in visual:
+                    raise ValueError("grounded words (token_objects) with encode_visual's "
+                                     "tokens need its objects: encode_visual(..., objects=True)")
+                word_add = self._grounding(visual["objects"], token_objects)
             vis, vmask = visual["visual_tokens"], visual["visual_mask"]
         elif m.has_regions:
             feats, boxes, rmask = m.region_inputs(visual.get("pixel_values"),
