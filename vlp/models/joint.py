@@ -301,7 +301,6 @@ class JointEncoder(nn.Module):
         text_tokens = towers.text.forward_features(ids, mask, causal=causal_text, add=word_add)
         return self.core.fuse(text_tokens, mask, image_tokens, causal_text=causal_text)
 
-
     # ------------------------------------------------------------------ cached decoding
     def start_decoding(self, encoded: dict) -> DecodeState:
         """The state before the first word, one row per image of `encoded` (encode_visual's
