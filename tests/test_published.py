@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from test_convert_clip import _clip_bpe, _perturb  # noqa: E402
+from test_ft_caption import _NoMeteor, needs_java  # noqa: E402
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizerFast  # noqa: E402
 
 from vlp.cli import main  # noqa: E402
@@ -56,3 +57,17 @@ def test_vqa_from_a_published_clip(published_clip, ft_world, tmp_path):
     assert m["vqa_acc"] > m["vqa_majority_baseline"] + 5, m
     spec = json.loads((out / "model" / "config.json").read_text())["backbone"]
     assert spec["model"]["fusion"]["width"] == 48  # the default: the text tower's width
+
+
+@needs_java
+def test_caption_from_a_published_clip(published_clip, ft_world, tmp_path, monkeypatch):
+    monkeypatch.setattr("pycocoevalcap.meteor.meteor.Meteor", _NoMeteor)
+    out = tmp_path / "caption"
+    assert main(["finetune", "caption", "--out", str(out), f"init_from={published_clip}",
+                 f"data.synth_dir={ft_world}", *FT, "train.steps=200", "train.lr=1e-3",
+                 "train.batch_size=32", "caption.beam_size=1", "caption.max_length=20"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["CIDEr"] > m["caption_constant_CIDEr"], m
+    # CLIP's word ends are decoded as spaces: the captions are words, not one long token
+    results = json.loads((out / "caption_test_results.json").read_text())
+    assert all("</w>" not in r["caption"] for r in results) and m["caption_mean_words"] > 2

@@ -25,6 +25,8 @@
     vlp convert to-hf-clip MODEL_DIR OUT_DIR     (a vlp dual tower -> CLIPModel folder)
     vlp convert open-clip STATE.safetensors OUT_DIR --config MODEL.json --tokenizer TOK
     vlp convert hf-swin SRC_DIR OUT_DIR          (a local HF Swin folder -> vision-tower dir)
+    vlp convert hf-vit SRC OUT_DIR [--heads N]   (a local HF ViT folder, or a timm ViT
+        .safetensors / hub folder -> vision-tower dir; --heads for timm only)
     vlp index build --model DIR --data SHARDS --out INDEX_DIR [--text] [--batch-size N]
         [--chunk-size N] [--max-memory 4GB] [--index-type auto|flat|hnsw|ivf|ivf-hnsw|ivf-pq|
         opq-pq|FAISS_FACTORY]   (a rerun resumes a killed build; written chunks are kept)
@@ -38,6 +40,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from vlp.config import ConfigError
@@ -60,25 +63,30 @@ def _train(run, cfg, args: argparse.Namespace, name: str) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace, overrides: list[str], cls):
+def _run_config(args: argparse.Namespace, overrides: list[str], cls, given: set | None = None):
     """The run's config, checked before any work: defaults <- --config <- overrides; with
-    --resume, the resumed run's saved config.yaml comes first (what it was started with)."""
-    from vlp.config import load_config, read_yaml
+    --resume, the resumed run's saved config.yaml comes first (what it was started with).
+    `given` (a set) receives the keys set explicitly."""
+    from vlp.config import given_keys, load_config, read_yaml
     from vlp.engine.loop import saved_config_path
 
     saved = None
     if args.resume and (args.out or args.resume != "latest"):
         saved = saved_config_path(args.out or ".", args.resume)
-    return load_config(args.config, overrides, cls=cls,
-                       base=read_yaml(saved) if saved else None)
+    base = read_yaml(saved) if saved else None
+    cfg = load_config(args.config, overrides, cls=cls, base=base)
+    if given is not None:
+        given |= given_keys(args.config, overrides, base)
+    return cfg
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from vlp.config import PretrainConfig
     from vlp.recipes import pretrain
 
-    cfg = _run_config(args, args.overrides, PretrainConfig)
-    return _train(pretrain, cfg, args, "pretrain")
+    given: set[str] = set()
+    cfg = _run_config(args, args.overrides, PretrainConfig, given)
+    return _train(partial(pretrain, given=given), cfg, args, "pretrain")
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -239,6 +247,12 @@ def _cmd_convert_hf_swin(args: argparse.Namespace) -> int:
     from vlp.convert.hf_swin import from_hf_swin
 
     return _convert("hf-swin", from_hf_swin, args.src, args.out)
+
+
+def _cmd_convert_hf_vit(args: argparse.Namespace) -> int:
+    from vlp.convert.hf_vit import from_hf_vit
+
+    return _convert("hf-vit", from_hf_vit, args.src, args.out, args.heads)
 
 
 def _report(metrics: dict, table: str, out: str | None) -> None:
@@ -584,6 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="vision-tower directory to write (config.json + "
                    "model.safetensors; vlp.models.towers.init_vision_tower reads it)")
     p.set_defaults(func=_cmd_convert_hf_swin)
+    p = conv.add_parser("hf-vit", help="Hugging Face ViTModel / ViTForImageClassification "
+                        "folder, or a timm ViT state dict -> vlp vision-tower directory")
+    p.add_argument("src", help="folder with config.json (model_type vit) and model.safetensors "
+                   "(or pytorch_model.bin, read with weights_only=True); or a timm ViT "
+                   ".safetensors file, or a timm hub folder (config.json + model.safetensors)")
+    p.add_argument("out", help="vision-tower directory to write (config.json + "
+                   "model.safetensors; model.vision.init_from=OUT starts a tower from it)")
+    p.add_argument("--heads", type=int, default=None, help="timm only: the attention heads "
+                   "(not in the weights; default: the hub config's, or the size in its "
+                   "architecture name)")
+    p.set_defaults(func=_cmd_convert_hf_vit)
 
     idx = sub.add_parser("index", help="retrieval indexes (faiss)").add_subparsers(
         dest="index_cmd", required=True)

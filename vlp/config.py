@@ -53,6 +53,11 @@ class VisionConfig(EncoderConfig):
     stage_depths: tuple[int, ...] = (2, 2, 6, 2)
     stage_heads: tuple[int, ...] = (4, 8, 16, 32)
     window_size: int = 7
+    # a directory whose image encoder the tower starts from (dual_tower and combined recipes):
+    # a vision-tower directory (`vlp convert hf-vit` / `hf-swin`) or a dual-tower / combined
+    # model directory. Its shape is taken where these keys keep their defaults; a conflicting
+    # one is refused by name. The projection stays fresh.
+    init_from: str = ""
 
 
 @dataclass
@@ -64,6 +69,13 @@ class TextConfig(EncoderConfig):
     mask: Literal["causal", "bidirectional"] = "causal"
     pool: Literal["eos", "cls", "mean"] = "eos"
     vocab_size: int = 0  # 0: taken from the tokenizer when the model is built
+    # False: BERT's text tower (word + position + segment embeddings with a LayerNorm, post-LN
+    # blocks): what init_from loads into
+    norm_first: bool = True
+    # a local Hugging Face BERT folder the text tower starts from (dual_tower and combined
+    # recipes; the single stream's is model.init_text_from): its shape and tokenizer are taken,
+    # and it needs mask=bidirectional and pool=cls (or mean)
+    init_from: str = ""
 
 
 @dataclass
@@ -89,6 +101,9 @@ class ModelConfig:
     max_regions: int = 36
     fusion: FusionConfig = field(default_factory=FusionConfig)
     init_text_from: str = ""  # a local Hugging Face BERT folder for the text embeddings/layers
+    # pretraining: start from this vlp model directory's weights, shape and tokenizer
+    # (vlp/recipes/init_from.py says which directories each recipe takes)
+    init_from: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,6 +437,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def given_keys(path: str | Path | None = None, overrides: list[str] | None = None,
+               base: dict | None = None) -> set[str]:
+    """The dotted keys a config file, overrides and base set explicitly (whatever their
+    values): what `model.init_from` must not silently replace."""
+    keys = set(flatten(base or {}))
+    if path is not None:
+        keys |= set(flatten(read_yaml(path)))
+    return keys | set(flatten(parse_overrides(overrides or [])))
+
+
 # What a resumed run may change: nothing already trained or read depends on these. train.steps
 # (and fine-tuning's epochs) move the end of the run and so the rest of the LR schedule.
 RESUME_SAFE = ("train.steps", "epochs", "train.save_every", "train.log_every",
@@ -429,11 +454,12 @@ RESUME_SAFE = ("train.steps", "epochs", "train.save_every", "train.log_every",
                "eval.", "data.val")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"a.b.c": value}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -443,7 +469,7 @@ def resume_changes(saved: dict, now: dict, source: str) -> list[str]:
     """The keys a resumed run changes from its saved config (`source` names it), as
     "key: old -> new" lines for the log; a change that cannot apply to a resumed run (batch
     size, data, model, optimizer...) raises ConfigError naming the key."""
-    before, after = _flatten(saved), _flatten(now)
+    before, after = flatten(saved), flatten(now)
     changed = [k for k in after if k in before and before[k] != after[k]]
     unsafe = [k for k in changed if not any(k == s or (s.endswith(".") and k.startswith(s))
                                             for s in RESUME_SAFE)]
@@ -493,6 +519,7 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
             raise ConfigError(f"eval.{key}={getattr(cfg.eval, key)} must be >= 0")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    _validate_inits(cfg)
     f = cfg.model.fusion
     if cfg.recipe == "single_stream":
         if f.width % f.heads:
@@ -507,13 +534,39 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
         if f.width % f.heads:
             raise ConfigError(f"model.fusion.width={f.width} must be divisible by "
                               f"model.fusion.heads={f.heads}")
-        if t.mask != "bidirectional":
+        if t.mask != "bidirectional" and not cfg.model.init_from:  # else DIR's: checked there
             raise ConfigError("recipe=combined runs MLM on the text tower: set "
                               "model.text.mask=bidirectional (and model.text.pool=cls)")
     o = cfg.objectives
     for key in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
         if not 0.0 <= getattr(o, key) <= 1.0:
             raise ConfigError(f"objectives.{key}={getattr(o, key)} must be within [0, 1]")
+
+
+def _validate_inits(cfg: PretrainConfig) -> None:
+    """Where each tower's init_from applies, and what a BERT text tower needs."""
+    m = cfg.model
+    towers = cfg.recipe in ("dual_tower", "combined")
+    for key, value in (("model.vision.init_from", m.vision.init_from),
+                       ("model.text.init_from", m.text.init_from)):
+        if value and not towers:
+            hint = " (the single stream's BERT is model.init_text_from)" if "text" in key else ""
+            raise ConfigError(f"{key}={value!r} starts a tower of recipe=dual_tower or "
+                              f"combined; recipe={cfg.recipe} has none{hint}")
+    if m.init_text_from and cfg.recipe != "single_stream":
+        raise ConfigError(f"model.init_text_from={m.init_text_from!r} is the single stream's "
+                          f"BERT; for recipe={cfg.recipe}'s text tower use "
+                          "model.text.init_from")
+    t = m.text
+    if t.init_from:
+        if t.mask != "bidirectional":
+            raise ConfigError(f"model.text.mask={t.mask} cannot run BERT weights "
+                              f"(model.text.init_from={t.init_from!r}): BERT attends both ways; "
+                              "set model.text.mask=bidirectional")
+        if t.pool == "eos":
+            raise ConfigError(f"model.text.pool=eos with BERT (model.text.init_from="
+                              f"{t.init_from!r}): BERT's sentence token is [CLS]; set "
+                              "model.text.pool=cls (or mean)")
 
 
 def _validate_train(t: TrainConfig) -> None:

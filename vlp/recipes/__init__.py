@@ -17,18 +17,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from vlp.config import ConfigError, PretrainConfig, to_dict
+from vlp.config import ConfigError, PretrainConfig, to_dict, validate
 from vlp.data.pipeline import make_loader
 from vlp.data.shards import check_shards_vs_workers, count_samples, expand_urls
 from vlp.data.sources import ShardSource
-from vlp.data.transforms import ImageTransform
 from vlp.engine import dist
 from vlp.engine.logs import check_tensorboard
 from vlp.engine.loop import RunLock, check_resumed_config, resolve_resume, train
 from vlp.engine.setup import build_tokenizer, resolve_data, tokenizer_cache
 from vlp.engine.task import Task
 from vlp.recipes.combined import CombinedRecipe
-from vlp.recipes.dual_tower import DualTowerRecipe
+from vlp.recipes.dual_tower import DualTowerRecipe, resolve_tower_inits
+from vlp.recipes.init_from import adopt_start, start_transform
 from vlp.recipes.single_stream import SingleStreamRecipe, adopt_bert_shape
 from vlp.tokenizer import Tokenizer, load_tokenizer
 
@@ -45,10 +45,12 @@ def build_recipe(cfg: PretrainConfig, tokenizer: Tokenizer, train_urls: list[str
 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, given: set[str] | None = None) -> dict:
     """Train `cfg.recipe`'s model on this process's share of the data (all processes of a launch
     call this): checkpoints, the model directory (`OUT/model`) and evaluation metrics
-    (`OUT/metrics.json`, rank 0). Returns the metrics."""
+    (`OUT/metrics.json`, rank 0). Returns the metrics. `given`: the dotted config keys the
+    user set (the command line's); with model.init_from, those that differ from the directory
+    are refused (without it: those that differ from the defaults)."""
     out_dir = Path(out_dir)
     started = time.time()
     check_tensorboard(cfg.logging.tensorboard)
@@ -56,12 +58,20 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     adopted: list[str] = []
     if cfg.recipe == "single_stream":
         cfg, adopted = adopt_bert_shape(cfg)
+    cfg, started_from = adopt_start(cfg, given)
+    if started_from:
+        validate(cfg)  # the directory's shape must suit the recipe (e.g. MLM needs BERT-style)
+    if cfg.recipe in ("dual_tower", "combined"):
+        cfg, tower_shapes = resolve_tower_inits(cfg)  # before the transforms and tokenizer
+        started_from += tower_shapes
     world = dist.init()
     main = world.is_main
     say = print if main else (lambda *a, **k: None)
     dist.set_threads(world, cfg.train.threads)
     if adopted:
         say(f"model.init_text_from: taking the BERT folder's {', '.join(adopted)}")
+    for line in started_from:
+        say(f"starting from published weights: {line}")
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out_dir) if world.is_main else None  # one run at a time in OUT
     resume_from = resolve_resume(out_dir, resume)
@@ -100,7 +110,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
         tokenizer = load_tokenizer(saved_tokenizer)
 
     recipe = build_recipe(cfg, tokenizer, urls, world.size, val_spec)
-    train_tf = ImageTransform(cfg.model.vision.image_size, train=True)
+    train_tf = start_transform(cfg, train=True)
 
     def loader_for(epoch: int, start: dict | None):
         return make_loader(urls, tokenizer=tokenizer, transform=train_tf,

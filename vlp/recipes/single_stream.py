@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from vlp import modeldir
 from vlp.config import ConfigError, PretrainConfig, to_dict
 from vlp.data.pipeline import region_feature_dim
-from vlp.data.transforms import ImageTransform
 from vlp.engine.task import Task
 from vlp.eval.single_stream import evaluate_single_stream, format_table
 from vlp.models.bert_init import load_bert_weights, mlp_ratio_for, read_bert_config
@@ -28,6 +27,7 @@ from vlp.models.single_stream import SingleStream
 from vlp.objectives import classification_loss
 from vlp.objectives.masking import IGNORE, continuation_table, mask_regions, mask_tokens, \
     mismatch_pairs, special_token_ids
+from vlp.recipes.init_from import load_start, start_transform
 from vlp.tokenizer import Tokenizer
 
 TIED = "mlm_head.word_embeddings.weight"  # the MLM decoder is the word embeddings, stored once
@@ -77,7 +77,7 @@ class SingleStreamRecipe(Task):
                  world_size: int, val_spec: str = ""):
         self.cfg, self.tokenizer, self.kind = cfg, tokenizer, cfg.model.visual_tokens
         self.val_spec = val_spec
-        self.eval_transform = ImageTransform(cfg.model.vision.image_size, train=False)
+        self.eval_transform = start_transform(cfg, train=False)
         if cfg.model.init_text_from:
             bert_vocab = read_bert_config(cfg.model.init_text_from)["vocab_size"]
             if bert_vocab != tokenizer.vocab_size:
@@ -139,6 +139,8 @@ class SingleStreamRecipe(Task):
                     model.mlm_head.norm.weight.copy_(head["transform.LayerNorm.weight"])
                     model.mlm_head.norm.bias.copy_(head["transform.LayerNorm.bias"])
                     model.mlm_head.bias.copy_(head["bias"])
+        if pretrained:
+            load_start(model, self.cfg)
         return model
 
     # ------------------------------------------------------------------ one step
