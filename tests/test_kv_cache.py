@@ -12,7 +12,7 @@ from vlp.models.joint import FinetunedModel, JointEncoder
 from vlp.tasks.caption import caption_step, generate
 
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
-KINDS = ["regions", "regions_post_ln", "patches", "combined", "dual_tower"]
+KINDS = ["regions", "regions_post_ln", "patches", "combined", "dual_tower", "dual_tower_bert"]
 
 
 # ---------------------------------------------------------------------------- the Transformer
@@ -77,14 +77,16 @@ def _backbone(kind: str, seed: int = 0) -> JointEncoder:
         tower.width, tower.layers, tower.heads = 32, 2, 2
     cfg.vision.image_size, cfg.vision.patch_size, cfg.max_regions = 32, 8, 5
     arch = {"regions": "single_stream", "regions_post_ln": "single_stream",
-            "patches": "single_stream"}.get(kind, kind)
+            "patches": "single_stream", "dual_tower_bert": "dual_tower"}.get(kind, kind)
     spec = {"architecture": arch, "region_feature_dim": 12 if "regions" in kind else 0}
     cfg.visual_tokens = "patches" if kind == "patches" else "regions"
     if kind == "regions_post_ln":  # BERT's post-LN blocks (a converted BERT's)
         cfg.fusion.norm_first = False
     if kind == "combined":  # a bidirectional text tower: causal_text must make it causal
         cfg.text.mask, cfg.text.pool = "bidirectional", "cls"
-    if kind == "dual_tower":
+    if kind == "dual_tower_bert":  # a BERT text tower: BertEmbed, post-LN blocks
+        cfg.text.norm_first, cfg.text.mask, cfg.text.pool = False, "bidirectional", "cls"
+    if kind.startswith("dual_tower"):
         spec["fusion"] = {"layers": 2, "heads": 2}
     spec["model"] = to_dict(cfg)
     torch.manual_seed(seed)

@@ -44,6 +44,7 @@ from vlp.config import ConfigError, FusionConfig, ModelConfig, from_dict, to_dic
 from vlp.data.transforms import ImageTransform
 from vlp.data.visual import VisualNeeds
 from vlp.models.combined import Combined
+from vlp.models.embed import BertEmbed
 from vlp.models.encoder import KVCache
 from vlp.models.regions import RoIRegionFeatures
 from vlp.models.single_stream import MLMHead, SingleStream
@@ -71,6 +72,14 @@ class DecodeState:
         if self.key_mask is not None:
             self.key_mask = self.key_mask.index_select(0, index)
         return self
+
+
+def _embed_words(embed: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The text tower's input embeddings of words at `positions` (N, L) -> (N, L, width): its
+    own embedding's, a CLIP-style TextEmbed or a BERT text tower's BertEmbed."""
+    if isinstance(embed, BertEmbed):
+        return embed(ids, position_ids=positions)
+    return embed.token_embed(ids) + embed.pos_embed[0, positions]
 
 
 def _step_mask(key_mask: torch.Tensor | None, cached: int, new: int,
@@ -343,7 +352,7 @@ class JointEncoder(nn.Module):
             hidden = m.transformer(x, mask, cache=state.fusion)
         else:
             core, text = self.core, self.core.towers.text
-            x = text.embed.token_embed(input_ids) + text.embed.pos_embed[0, positions]
+            x = _embed_words(text.embed, input_ids, positions)
             # the text tower is causal when captioning: word i sees the cached words and itself
             words = text.transformer(x, _step_mask(None, start, new, x.device),
                                      cache=state.text)
