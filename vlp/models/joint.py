@@ -22,6 +22,12 @@ RoIAlign from the patch grid.
 `encode_visual(visual)` computes the visual tokens once (captioning decodes many steps per
 image); `forward` takes its output as `visual` in place of the raw inputs.
 
+Caption decoding with a key/value cache: `start_decoding(encode_visual(...))` runs the visual
+tokens alone through the joint Transformer once (under the prefix-LM mask they see only each
+other, so their keys/values hold for every word), then `decode_step(new_ids, state)` encodes
+only the new words against the cached keys/values (fused backbones: through the causal text
+tower's cache, then the fusion's). `state.select(rows)` follows a beam search's rows.
+
 The fused path is the combined model's own (`Combined.fuse`, the text tower's
 `forward_features`), so pretraining and fine-tuning run one fusion forward.
 """
@@ -38,6 +44,8 @@ from vlp.config import ConfigError, FusionConfig, ModelConfig, from_dict, to_dic
 from vlp.data.transforms import ImageTransform
 from vlp.data.visual import VisualNeeds
 from vlp.models.combined import Combined
+from vlp.models.embed import BertEmbed
+from vlp.models.encoder import KVCache
 from vlp.models.regions import RoIRegionFeatures
 from vlp.models.resize import at_image_size
 from vlp.models.single_stream import MLMHead, SingleStream
@@ -45,6 +53,48 @@ from vlp.tokenizer import Tokenizer
 
 ARCHITECTURES = ("single_stream", "combined", "dual_tower")
 PRETRAINING_ONLY = ("mrc_head.", "mrfr_head.")  # heads a fine-tuning encoder leaves out
+
+
+class DecodeState:
+    """A cached decoder's state between steps (JointEncoder.start_decoding / decode_step),
+    rows being sequences: the joint Transformer's cache (`fusion`), which of its keys are real
+    (`key_mask` (N, S) bool; None: all of them), the text tower's cache (fused backbones; else
+    None) and how many words are encoded (`position`, the next word's)."""
+
+    def __init__(self, fusion: KVCache, key_mask: torch.Tensor | None, text: KVCache | None):
+        self.fusion, self.key_mask, self.text = fusion, key_mask, text
+        self.position = 0
+
+    def select(self, index: torch.Tensor) -> "DecodeState":
+        """Keep rows `index` (N',) in that order, repeats allowed (in place; returns self)."""
+        for cache in (self.fusion, self.text):
+            if cache is not None:
+                cache.select(index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+        return self
+
+
+def _embed_words(embed: nn.Module, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The text tower's input embeddings of words at `positions` (N, L) -> (N, L, width): its
+    own embedding's, a CLIP-style TextEmbed or a BERT text tower's BertEmbed."""
+    if isinstance(embed, BertEmbed):
+        return embed(ids, position_ids=positions)
+    return embed.token_embed(ids) + embed.pos_embed[0, positions]
+
+
+def _step_mask(key_mask: torch.Tensor | None, cached: int, new: int,
+               device: torch.device) -> torch.Tensor | None:
+    """(N or 1, 1, new, cached + new) bool: new word i sees the real cached keys and new words
+    <= i (None when that is everything: one new word, no padded key)."""
+    if new == 1 and key_mask is None:
+        return None
+    past = key_mask if key_mask is not None else torch.ones(1, cached, dtype=torch.bool,
+                                                            device=device)
+    causal = torch.ones(new, new, dtype=torch.bool, device=device).tril()  # (new, new)
+    rows = past.shape[0]
+    return torch.cat([past[:, None, None, :].expand(rows, 1, new, cached),
+                      causal[None, None].expand(rows, 1, new, new)], dim=-1)
 
 
 class JointEncoder(nn.Module):
@@ -162,11 +212,16 @@ class JointEncoder(nn.Module):
         self.core.set_grad_checkpointing(enabled)
 
     # ------------------------------------------------------------------ forward
-    def encode_visual(self, visual: dict) -> dict:
+    def encode_visual(self, visual: dict, *, objects: bool = False,
+                      object_boxes: torch.Tensor | None = None,
+                      object_mask: torch.Tensor | None = None) -> dict:
         """The visual tokens of `visual`'s raw inputs, ready for `forward(..., visual=<this>)`:
         {"visual_tokens" (B, R, W), "visual_mask" (B, R)} (single stream, embedded) or
         {"image_tokens" (B, 1+g*g, W)} (the vision tower's output). Rows index like the
-        inputs'. Grounded words (token_objects) still need the raw inputs."""
+        inputs'. For grounded words (token_objects) a single stream also needs `objects=True`:
+        "objects" (B, N, W), the embeddings grounded words add (the regions', or for patch
+        tokens `object_boxes` pooled from the patch grid); fused backbones pool theirs from
+        "image_tokens" in `forward` (given object_boxes there)."""
         if self.architecture != "single_stream":
             return {"image_tokens": self.core.towers.visual.forward_features(
                 visual["pixel_values"])}
@@ -176,9 +231,19 @@ class JointEncoder(nn.Module):
                                                   visual.get("region_features"),
                                                   visual["region_boxes"], visual["region_mask"])
             vis, vmask = m.embed_visual(feats, boxes, rmask)
+            out = {"visual_tokens": vis, "visual_mask": vmask}
+            if objects:
+                out["objects"] = m.region_embed(feats, boxes)
         else:
             vis, vmask = m.embed_visual(None, None, None, visual["pixel_values"])
-        return {"visual_tokens": vis, "visual_mask": vmask}
+            out = {"visual_tokens": vis, "visual_mask": vmask}
+            if objects:
+                if object_boxes is None:
+                    raise ValueError("grounded words need object_boxes with patch tokens")
+                out["objects"] = self._pool_grid(m.patch_embed(visual["pixel_values"]),
+                                                 m.patch_embed.grid_size, object_boxes,
+                                                 object_mask)
+        return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: dict, *,
                 causal_text: bool = False, token_objects: torch.Tensor | None = None,
@@ -208,8 +273,10 @@ class JointEncoder(nn.Module):
         word_add = None
         if "visual_tokens" in visual:  # encode_visual's output
             if token_objects is not None:
-                raise ValueError("grounded words (token_objects) need the raw visual inputs, "
-                                 "not encode_visual's tokens")
+                if "objects" not in visual:
+                    raise ValueError("grounded words (token_objects) with encode_visual's "
+                                     "tokens need its objects: encode_visual(..., objects=True)")
+                word_add = self._grounding(visual["objects"], token_objects)
             vis, vmask = visual["visual_tokens"], visual["visual_mask"]
         elif m.has_regions:
             feats, boxes, rmask = m.region_inputs(visual.get("pixel_values"),
@@ -244,6 +311,60 @@ class JointEncoder(nn.Module):
         # a causal text tower keeps its causal mask; captioning makes any tower causal
         text_tokens = towers.text.forward_features(ids, mask, causal=causal_text, add=word_add)
         return self.core.fuse(text_tokens, mask, image_tokens, causal_text=causal_text)
+
+    # ------------------------------------------------------------------ cached decoding
+    def start_decoding(self, encoded: dict) -> DecodeState:
+        """The state before the first word, one row per image of `encoded` (encode_visual's
+        output): the visual tokens' keys/values in every layer of the joint Transformer. Under
+        the prefix-LM mask (`causal_text=True`) they attend to visual tokens only, so they are
+        the same whatever words follow."""
+        if self.architecture == "single_stream":
+            m = self.core
+            vis, vmask = encoded["visual_tokens"], encoded["visual_mask"].bool()
+            # the [END] token closes the visual segment, as in SingleStream.encode
+            end = m.visual_norm(m.end_token + m.text_embed.type_embed.weight[1])
+            x = torch.cat([vis, end.expand(vis.shape[0], 1, -1).to(vis.dtype)], dim=1)
+            keep = torch.cat([vmask, vmask.new_ones(vis.shape[0], 1)], dim=1)  # (B, R + 1)
+            fusion = KVCache(len(m.transformer.blocks))
+            m.transformer(x, keep[:, None, None, :], cache=fusion)
+            return DecodeState(fusion, None if bool(keep.all()) else keep, None)
+        core = self.core
+        image = encoded["image_tokens"]
+        # the image half of Combined.fuse's sequence (its projection and segment)
+        x = core.image_proj(image) + core.segment.weight[1]
+        fusion = KVCache(len(core.fusion.blocks))
+        core.fusion(x, cache=fusion)
+        return DecodeState(fusion, None, KVCache(len(core.towers.text.transformer.blocks)))
+
+    def decode_step(self, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        """input_ids (N, L): the words after those `state` holds (L = 1 when decoding) ->
+        (N, L, width) their hidden states, as `forward(..., causal_text=True)` gives at
+        those positions for the whole prefix; `state` takes their keys/values."""
+        n, new = input_ids.shape
+        start = state.position
+        if start + new > self.text_positions:
+            raise ValueError(f"word position {start + new - 1} is beyond the backbone's "
+                             f"{self.text_positions} text positions")
+        positions = torch.arange(start, start + new, device=input_ids.device)
+        if self.architecture == "single_stream":
+            m = self.core
+            x = m.text_embed(input_ids, token_type_ids=torch.zeros_like(input_ids),
+                             position_ids=positions)
+            mask = _step_mask(state.key_mask, len(state.fusion), new, x.device)
+            hidden = m.transformer(x, mask, cache=state.fusion)
+        else:
+            core, text = self.core, self.core.towers.text
+            x = _embed_words(text.embed, input_ids, positions)
+            # the text tower is causal when captioning: word i sees the cached words and itself
+            words = text.transformer(x, _step_mask(None, start, new, x.device),
+                                     cache=state.text)
+            x = core.text_proj(words) + core.segment.weight[0]  # Combined.fuse's text half
+            hidden = core.fusion(x, _step_mask(None, len(state.fusion), new, x.device),
+                                 cache=state.fusion)
+        if state.key_mask is not None:
+            state.key_mask = torch.cat([state.key_mask, state.key_mask.new_ones(n, new)], 1)
+        state.position += new
+        return hidden
 
 
 class FinetunedModel(nn.Module):
