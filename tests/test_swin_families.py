@@ -12,7 +12,6 @@ instead of 1/stride would read the wrong cells.
 """
 import json
 import tarfile
-from dataclasses import replace
 
 import pytest
 import torch
