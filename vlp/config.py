@@ -58,6 +58,9 @@ class VisionConfig(EncoderConfig):
     # model directory. Its shape is taken where these keys keep their defaults; a conflicting
     # one is refused by name. The projection stays fresh.
     init_from: str = ""
+    # swin only: the stage whose feature map RoIAlign pools (single-stream `roi_align` regions,
+    # grounded objects of VCR / RefCOCO); Python indexing, -1 = the last stage
+    roi_stage: int = -1
 
 
 @dataclass
@@ -551,13 +554,12 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     v, t = cfg.model.vision, cfg.model.text
     if v.arch == "swin":
         _validate_swin(v)
-        if cfg.recipe != "dual_tower":
-            raise ConfigError(f"model.vision.arch=swin runs with recipe=dual_tower only so far "
-                              f"(recipe={cfg.recipe} takes ViT tokens); use model.vision.arch="
-                              "vit there")
     elif v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size={v.image_size} must be a multiple of "
                           f"model.vision.patch_size={v.patch_size}")
+    elif v.roi_stage not in (0, -1):
+        raise ConfigError(f"model.vision.roi_stage={v.roi_stage} is Swin's (a stage to pool "
+                          "regions from); a ViT has one grid: leave it at -1")
     for name, tower in (("vision", v), ("text", t)):
         if name == "vision" and v.arch == "swin":
             continue  # its stages' heads are checked above
@@ -717,6 +719,10 @@ def _validate_swin(v: VisionConfig) -> None:
     if v.pool != "mean":
         raise ConfigError("model.vision.pool=cls: a Swin tower has no class token; set "
                           "model.vision.pool=mean (its tokens are averaged, as Swin does)")
+    n = len(v.stage_depths)
+    if not -n <= v.roi_stage < n:
+        raise ConfigError(f"model.vision.roi_stage={v.roi_stage} is not a stage of this "
+                          f"{n}-stage Swin: use 0..{n - 1}, or -1 for the last")
 
 
 def _validate_finetune(cfg: FinetuneConfig) -> None:

@@ -17,7 +17,12 @@ and/or `region_features` (B, R, D), `region_boxes` (B, R, 4) normalised x1y1x2y2
 `region_mask` (B, R). Grounded words (VCR: a word that names object k gets object k's visual
 embedding added, as VL-BERT does) take `token_objects` (B, L) long, -1 = none, indexing the
 objects: the regions themselves for region backbones, else `object_boxes` (B, N, 4) pooled by
-RoIAlign from the patch grid.
+RoIAlign from the patch grid (a Swin tower: from stage `model.vision.roi_stage`'s map at
+1/stride, then `ground_proj` into the word width).
+
+A Swin image tower (`model.vision.arch=swin`) serves every architecture: fused backbones fuse
+its final-stage tokens (no class token), single-stream `patches` take them with their cells'
+boxes, `roi_align` pools its chosen stage.
 
 `encode_visual(visual)` computes the visual tokens once (captioning decodes many steps per
 image); `forward` takes its output as `visual` in place of the raw inputs.
@@ -49,6 +54,7 @@ from vlp.models.encoder import KVCache
 from vlp.models.regions import RoIRegionFeatures
 from vlp.models.resize import at_image_size
 from vlp.models.single_stream import MLMHead, SingleStream
+from vlp.models.swin import SwinFeatures
 from vlp.tokenizer import Tokenizer
 
 ARCHITECTURES = ("single_stream", "combined", "dual_tower")
@@ -114,6 +120,12 @@ class JointEncoder(nn.Module):
                                      heads=("mlm", "itm"))
             self.visual_tokens = cfg.visual_tokens
             self.width = cfg.fusion.width
+            self.swin = self.core.swin_tokens
+            if self.swin and self.visual_tokens == "patches":
+                # grounded objects pooled from a Swin stage, into the stream's width
+                ground_width = self._stage_width(cfg)
+                self.ground_proj = nn.Linear(ground_width, self.width) \
+                    if ground_width != self.width else nn.Identity()
         elif self.architecture in ("combined", "dual_tower"):
             if self.architecture == "dual_tower":
                 # fresh fusion layers, pre-LN with the text tower's eps; width 0 (the default)
@@ -129,14 +141,22 @@ class JointEncoder(nn.Module):
             self.core = Combined(cfg, vocab_size)
             self.visual_tokens = "pixels"
             self.width = cfg.fusion.width
-            # grounded words (VCR) add their object's pooled image tokens to the word
-            # embeddings: across, when the towers' widths differ
-            t, v = cfg.text.width, cfg.vision.width
+            self.swin = cfg.vision.arch == "swin"
+            # grounded words (VCR) add their object's pooled image tokens (a Swin: its
+            # roi_stage's map) to the word embeddings: across, when the widths differ
+            t = cfg.text.width
+            v = self._stage_width(cfg) if self.swin else cfg.vision.width
             self.ground_proj = nn.Linear(v, t) if v != t else nn.Identity()
         else:
             raise ValueError(f"architecture {self.architecture!r} cannot be fine-tuned; "
                              f"expected one of {list(ARCHITECTURES)}")
         self.roi_pool = RoIRegionFeatures()
+
+    @staticmethod
+    def _stage_width(cfg: ModelConfig) -> int:
+        """The width of the Swin stage grounding pools (`model.vision.roi_stage`)."""
+        v = cfg.vision
+        return v.width * 2 ** (v.roi_stage % len(v.stage_depths))
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -217,9 +237,9 @@ class JointEncoder(nn.Module):
                       object_mask: torch.Tensor | None = None) -> dict:
         """The visual tokens of `visual`'s raw inputs, ready for `forward(..., visual=<this>)`:
         {"visual_tokens" (B, R, W), "visual_mask" (B, R)} (single stream, embedded) or
-        {"image_tokens" (B, 1+g*g, W)} (the vision tower's output). Rows index like the
-        inputs'. For grounded words (token_objects) a single stream also needs `objects=True`:
-        "objects" (B, N, W), the embeddings grounded words add (the regions', or for patch
+        {"image_tokens" (B, T, W)} (the vision tower's output: a ViT's class + patch tokens,
+        a Swin's final-stage grid). Rows index like the inputs'. For grounded words
+        (token_objects) a single stream also needs `objects=True`: "objects" (B, N, W), the embeddings grounded words add (the regions', or for patch
         tokens `object_boxes` pooled from the patch grid); fused backbones pool theirs from
         "image_tokens" in `forward` (given object_boxes there)."""
         if self.architecture != "single_stream":
@@ -267,6 +287,17 @@ class JointEncoder(nn.Module):
         fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid, grid)
         return self.roi_pool(fmap, boxes.float(), mask).to(tokens.dtype)
 
+    def object_features(self, stages: SwinFeatures, image_size: tuple[int, int],
+                        boxes: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Swin backbones: (B, N, W) grounded objects' embeddings (what `token_objects` adds to
+        the words): each box pooled by RoIAlign from stage `model.vision.roi_stage`'s map,
+        which covers the image (H, W) = `image_size` padded up to the stride (boxes go in
+        pixels at spatial scale 1/stride), then `ground_proj` into the words' width."""
+        s = self.cfg.vision.roi_stage % len(stages.strides)
+        pooled = self.roi_pool(stages.feature_map(s), boxes.float(), mask,
+                               stride=stages.strides[s], image_size=image_size)
+        return self.ground_proj(pooled.to(stages.tokens.dtype))
+
     def _single_stream(self, ids, mask, visual, causal_text, token_objects, object_boxes,
                        object_mask):
         m = self.core
@@ -285,6 +316,15 @@ class JointEncoder(nn.Module):
             vis, vmask = m.embed_visual(feats, boxes, rmask)
             if token_objects is not None:
                 word_add = self._grounding(m.region_embed(feats, boxes), token_objects)
+        elif self.swin and token_objects is not None:  # patches: one trunk pass for both
+            if object_boxes is None:
+                raise ValueError("grounded words need object_boxes with patch tokens")
+            px = visual["pixel_values"]
+            stages = m.swin_features(px)
+            vis, vmask = m.embed_visual(None, None, None, px, stages=stages)
+            objects = self.object_features(stages, tuple(px.shape[-2:]), object_boxes,
+                                           object_mask)
+            word_add = self._grounding(objects, token_objects)
         else:
             vis, vmask = m.embed_visual(None, None, None, visual["pixel_values"])
             if token_objects is not None:
@@ -297,17 +337,32 @@ class JointEncoder(nn.Module):
         hidden = m.encode(ids, mask, vis, vmask, causal_text=causal_text, word_add=word_add)
         return hidden[:, :ids.shape[1]]
 
+    def _fused_visual(self, visual, token_objects, object_boxes, object_mask):
+        """A fused backbone's (image tokens, grounded words' additions or None)."""
+        towers = self.core.towers
+        if token_objects is not None and object_boxes is None:
+            raise ValueError("grounded words need object_boxes")
+        if token_objects is not None and self.swin:  # grounding pools a stage: one trunk pass
+            if "pixel_values" not in visual:
+                raise ValueError("grounded words (token_objects) with a Swin tower need the "
+                                 "raw pixel_values, not encode_visual's tokens")
+            px = visual["pixel_values"]
+            stages = towers.visual.forward_stages(px)
+            objects = self.object_features(stages, tuple(px.shape[-2:]), object_boxes,
+                                           object_mask)
+            return stages.tokens, self._grounding(objects, token_objects)  # (B, h*w, C_last)
+        image_tokens = visual["image_tokens"] if "image_tokens" in visual else \
+            towers.visual.forward_features(visual["pixel_values"])  # (B, T, W)
+        if token_objects is None:
+            return image_tokens, None
+        grid = towers.visual.embed.grid_size
+        objects = self._pool_grid(image_tokens[:, 1:], grid, object_boxes, object_mask)
+        return image_tokens, self._grounding(self.ground_proj(objects), token_objects)
+
     def _fused(self, ids, mask, visual, causal_text, token_objects, object_boxes, object_mask):
         towers = self.core.towers
-        image_tokens = visual["image_tokens"] if "image_tokens" in visual else \
-            towers.visual.forward_features(visual["pixel_values"])  # (B, 1+g*g, W)
-        word_add = None
-        if token_objects is not None:
-            if object_boxes is None:
-                raise ValueError("grounded words need object_boxes")
-            grid = towers.visual.embed.grid_size
-            objects = self._pool_grid(image_tokens[:, 1:], grid, object_boxes, object_mask)
-            word_add = self._grounding(self.ground_proj(objects), token_objects)
+        image_tokens, word_add = self._fused_visual(visual, token_objects, object_boxes,
+                                                    object_mask)
         # a causal text tower keeps its causal mask; captioning makes any tower causal
         text_tokens = towers.text.forward_features(ids, mask, causal=causal_text, add=word_add)
         return self.core.fuse(text_tokens, mask, image_tokens, causal_text=causal_text)
