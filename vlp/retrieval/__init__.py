@@ -19,7 +19,7 @@ from vlp.engine import dist
 from vlp.retrieval.embed import EmbedReport, EmbeddingStore, embed_corpus
 from vlp.retrieval.index import (INDEX_TYPES, IndexChoice, build_index, check_index_type,
                                  choose_index, parse_memory, read_info, update_info)
-from vlp.retrieval.parallel import embed_distributed, join_world, rank_device
+from vlp.retrieval.parallel import embed_distributed, join_world, leave_world, rank_device
 from vlp.retrieval.search import Hit, Searcher
 
 
@@ -51,6 +51,7 @@ def build(model_dir: str | Path, data: str | Sequence[str], out: str | Path, *,
         report = embed_distributed(model_dir, data, out, world, model=model, text=text,
                                    batch_size=batch_size, chunk_size=chunk_size, dtype=dtype,
                                    progress=progress, max_chunks=max_chunks)
+        leave_world()  # the last collective is behind us: rank 0 builds alone
         if not world.is_main:
             return {"rank": world.rank, "world": world.size,
                     "embed": f"rank {world.rank} of {world.size}: {report.rows} samples "

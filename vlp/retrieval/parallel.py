@@ -50,6 +50,7 @@ from vlp.retrieval.embed import (COMPLETE_FILE, PARTS_DIR, EmbedReport, Start, c
 WAIT = datetime.timedelta(hours=72)
 COUNTS_FILE = "counts.json"
 TOKEN_FILE = "world.json"
+_joined: list[bool] = []  # [True] while this process is in the group join_world made
 
 
 def join_world() -> World:
@@ -64,7 +65,17 @@ def join_world() -> World:
         return world
     os.environ.update(dist.launch_env(os.environ))
     torch_dist.init_process_group("gloo", timeout=WAIT)
+    _joined.append(True)
     return dataclasses.replace(world, launched=True)
+
+
+def leave_world() -> None:
+    """Close the process group once this rank's collectives are done. A rank that returns
+    while rank 0 still builds the index would otherwise tear gloo down during interpreter
+    exit, which can abort the process ("terminate called without an active exception")."""
+    if _joined and torch_dist.is_initialized():  # only the group join_world made
+        torch_dist.destroy_process_group()
+        _joined.clear()
 
 
 def rank_device(device: str | None, world: World) -> str | None:
