@@ -337,8 +337,8 @@ def test_init_from_in_the_dual_tower_and_combined_recipes(hf_folders, tmp_path):
     assert "model.vision.width=64" in changed and "model.vision.image_size=32" in changed
     assert resolve_tower_inits(resolved) == (resolved, [])  # resolving again changes nothing
     assert cfg.model.vision.width == 128  # the given config is left as it was
-    with pytest.raises(ConfigError, match="model.vision.image_size=32"):
-        DualTowerRecipe(cfg, tok, 1)  # the run's data transform is already 64 px
+    with pytest.raises(ConfigError, match="model.vision.width=128 but .*has width=64"):
+        DualTowerRecipe(cfg, tok, 1)  # a recipe takes resolved configs only (pretrain's)
 
     _, want, _ = read_vision_tower(tower_dir)
     recipe = DualTowerRecipe(resolved, tok, 1)
@@ -358,7 +358,7 @@ def test_init_from_in_the_dual_tower_and_combined_recipes(hf_folders, tmp_path):
         "model.text.mask=bidirectional", "model.text.pool=cls", "model.text.width=32",
         "model.text.heads=2", "model.text.layers=1", "model.fusion.width=32",
         "model.fusion.heads=2", "model.fusion.layers=1"])
-    combined = CombinedRecipe(combined_cfg, tok, 1).build_model()
+    combined = CombinedRecipe(resolve_tower_inits(combined_cfg)[0], tok, 1).build_model()
     for k, v in model.visual.state_dict().items():
         if k != "proj.weight":
             assert torch.equal(combined.towers.visual.state_dict()[k], v), k
@@ -401,8 +401,8 @@ def test_vlp_pretrain_starts_from_a_converted_vit(hf_folders, tmp_path):
 
 
 def test_swin_directory_into_the_dual_tower(tmp_path):
-    """A Swin vision-tower directory: the dual tower takes its arch, stages and window (the
-    run's image size stays), loads its weights; the combined recipe refuses Swin by name."""
+    """A Swin vision-tower directory: the dual tower and the combined model take its arch,
+    stages and window (the run's image size stays) and load its weights."""
     swin = VisionConfig(arch="swin", width=16, stage_depths=(2, 2), stage_heads=(2, 4),
                         window_size=4, patch_size=4, image_size=32, pool="mean")
     src = VisionTower(swin, 8)
@@ -420,7 +420,72 @@ def test_swin_directory_into_the_dual_tower(tmp_path):
         if k != "proj.weight":
             assert torch.equal(model.visual.state_dict()[k], want), k
     assert torch.isfinite(model.encode_image(torch.randn(1, 3, 64, 64))).all()
-    with pytest.raises(ConfigError, match="model.vision.arch=swin runs with recipe=dual_tower"):
-        resolve_tower_inits(load_config(overrides=[
-            "recipe=combined", f"model.vision.init_from={path}", "model.text.mask=bidirectional",
-            "model.text.pool=cls"]))
+    combined_cfg, _ = resolve_tower_inits(load_config(overrides=[
+        "recipe=combined", f"model.vision.init_from={path}", "model.text.mask=bidirectional",
+        "model.text.pool=cls", "model.text.width=32", "model.text.heads=2",
+        "model.text.layers=1", "model.fusion.width=32", "model.fusion.heads=2",
+        "model.fusion.layers=1"]))
+    combined = CombinedRecipe(combined_cfg, _tokenizer(), 1).build_model()
+    for k, want in src.state_dict().items():
+        if k != "proj.weight":
+            assert torch.equal(combined.towers.visual.state_dict()[k], want), k
+
+
+def test_vit_directory_at_another_image_size(hf_folders, tmp_path):
+    """A ViT trained at 32 px starts a tower at 48 px (or at the default 64 when the run sets
+    it): its learned grid is resampled (bicubic, class position kept), everything else is the
+    directory's; left unset, the image size is the directory's."""
+    from vlp.models.embed import resample_pos_embed
+
+    _, folder = hf_folders["cls_w64"]
+    tower_dir = from_hf_vit(folder, tmp_path / "tower")
+    _, want, _ = read_vision_tower(tower_dir)
+    base = [f"model.vision.init_from={tower_dir}", "model.embed_dim=16", "model.text.width=32",
+            "model.text.heads=2", "model.text.layers=1"]
+    # 48 px (set, and not the default); 64 px, the default, set explicitly; unset: 32 px
+    for size, given in ((48, None), (64, {"model.vision.image_size"}), (32, set())):
+        overrides = base + ([f"model.vision.image_size={size}"] if given != set() else [])
+        cfg, _ = resolve_tower_inits(load_config(overrides=overrides), given=given)
+        assert cfg.model.vision.image_size == size
+        model = DualTowerRecipe(cfg, _tokenizer(), 1).build_model()
+        got = model.visual.state_dict()
+        torch.testing.assert_close(got["embed.pos_embed"], resample_pos_embed(
+            want["embed.pos_embed"], size // 8, 1), rtol=0, atol=0)
+        for k in want:
+            if k != "embed.pos_embed":
+                assert torch.equal(got[k], want[k]), k
+        assert torch.isfinite(model.encode_image(torch.randn(1, 3, size, size))).all()
+    # given=None: 48 differs from the default, so the run set it; the default means "unset"
+    cfg, changed = resolve_tower_inits(load_config(overrides=base))
+    assert cfg.model.vision.image_size == 32 and "model.vision.image_size=32" in changed
+
+
+def test_model_init_from_ignores_the_towers_history(hf_folders, tmp_path):
+    """A model directory trained from model.vision.init_from keeps that key in its config;
+    `vlp pretrain model.init_from=DIR` takes DIR's weights and does not read the (here
+    deleted) directory its image tower once started from."""
+    import shutil
+
+    from vlp.data.synth import generate
+
+    _, folder = hf_folders["cls_w64"]
+    tower_dir = from_hf_vit(folder, tmp_path / "tower")
+    tok = _tokenizer()
+    cfg, _ = resolve_tower_inits(load_config(overrides=[
+        f"model.vision.init_from={tower_dir}", "model.embed_dim=16", "model.text.width=32",
+        "model.text.heads=2", "model.text.layers=1"]))
+    recipe = DualTowerRecipe(cfg, tok, 1)
+    dual = Pretrained(recipe.build_model(), tok, recipe.eval_transform).save(tmp_path / "dual")
+    assert modeldir.read(dual).model_config().vision.init_from == str(tower_dir)
+    shutil.rmtree(tower_dir)
+    shapes = tmp_path / "shapes"
+    generate(shapes, images=48, val_images=8, benchmark_images=0, shard_size=24,
+             progress=False, image_size=32)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--no-progress", f"data.train={shapes}/train",
+                 "data.val=", "eval.at_end=false", "train.steps=1", "train.batch_size=8",
+                 "train.save_every=0", "train.lr=1e-12", "train.min_lr=0",
+                 "train.warmup_steps=0", "data.num_workers=0", f"model.init_from={dual}"]) == 0
+    trained, start = (load_file(str(d / "model.safetensors")) for d in (out / "model", dual))
+    for k, v in start.items():
+        torch.testing.assert_close(trained[k], v, rtol=0, atol=1e-8)

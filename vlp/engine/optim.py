@@ -82,16 +82,22 @@ def _stack(kind: str, where: str, module: nn.Module, embeddings: tuple[str, ...]
     return Stack(kind, where, L, layer)
 
 
+def _swin_blocks(swin: nn.Module, prefix: str = "swin.") -> list[tuple[str, ...]]:
+    """A Swin's blocks in order, across stages; the merging that feeds a stage goes with its
+    first block."""
+    blocks = []
+    for s, stage in enumerate(swin.stages):
+        for j in range(len(stage.blocks)):
+            prefixes = (f"{prefix}stages.{s}.blocks.{j}.", f"{prefix}stages.{s}.rel_pos.{j}.")
+            if j == 0 and s > 0:
+                prefixes += (f"{prefix}merges.{s - 1}.",)
+            blocks.append(prefixes)
+    return blocks
+
+
 def _vision_stack(where: str, tower: VisionTower) -> Stack:
     if tower.cfg.arch == "swin":
-        blocks = []
-        for s, stage in enumerate(tower.swin.stages):
-            for j in range(len(stage.blocks)):
-                prefixes = (f"swin.stages.{s}.blocks.{j}.", f"swin.stages.{s}.rel_pos.{j}.")
-                if j == 0 and s > 0:  # the merging that feeds this stage goes with its block
-                    prefixes += (f"swin.merges.{s - 1}.",)
-                blocks.append(prefixes)
-        return _stack("image", where, tower, ("swin.embed.",), blocks)
+        return _stack("image", where, tower, ("swin.embed.",), _swin_blocks(tower.swin))
     blocks = [(f"transformer.blocks.{i}.",) for i in range(len(tower.transformer.blocks))]
     return _stack("image", where, tower, ("embed.", "ln_pre."), blocks)
 
@@ -107,7 +113,11 @@ def encoder_stacks(model: nn.Module) -> list[Stack]:
             stacks.append(_stack("text", where, module, ("embed.",), blocks))
         elif isinstance(module, SingleStream):
             image = ()
-            if module.kind == "roi_align":  # a patch encoder of its own before the regions
+            if module.kind == "roi_align" and module.swin_tokens:  # a Swin of its own
+                image = ("swin.",)
+                stacks.append(_stack("image", where, module, ("swin.embed.",),
+                                     _swin_blocks(module.swin), only=image))
+            elif module.kind == "roi_align":  # a patch encoder of its own before the regions
                 image = ("patch_embed.", "visual_encoder.")
                 blocks = [(f"visual_encoder.blocks.{i}.",)
                           for i in range(len(module.visual_encoder.blocks))]

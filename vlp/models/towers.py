@@ -26,7 +26,7 @@ from vlp import modeldir
 from vlp.config import EncoderConfig, ModelConfig, TextConfig, VisionConfig, to_dict
 from vlp.data.transforms import ImageTransform
 from vlp.models.bert_init import load_bert_weights
-from vlp.models.embed import BertEmbed, PatchEmbed, TextEmbed
+from vlp.models.embed import BertEmbed, PatchEmbed, TextEmbed, resample_pos_embed
 from vlp.models.encoder import Transformer, build_attention_mask
 from vlp.models.swin import SwinFeatures, SwinTransformer
 
@@ -94,11 +94,12 @@ class VisionTower(nn.Module):
         return self.forward_head(self.forward_features(pixel_values))
 
 
-# what must agree between a vision-tower directory and the tower it initialises (image_size and
-# window_size may differ for Swin: its weights do not depend on them; a ViT's learned positions
-# do). A LayerNorm eps is no weight either, but a different one computes something else.
+# what must agree between a vision-tower directory and the tower it initialises. The image size
+# may differ (a ViT's learned positions are resampled to the new grid on load; Swin's weights do
+# not depend on it), and so may Swin's window (its tables are resampled). A LayerNorm eps is no
+# weight, but a different one computes something else.
 _ARCH_KEYS = {"vit": ("width", "layers", "heads", "mlp_ratio", "act", "norm_eps", "patch_size",
-                      "pos_embed", "pre_norm", "image_size"),
+                      "pos_embed", "pre_norm"),
               "swin": ("width", "stage_depths", "stage_heads", "mlp_ratio", "act", "norm_eps",
                        "patch_size")}
 # the kinds of model directory an image tower can start from: their config says its shape and
@@ -141,18 +142,22 @@ def _same(a, b) -> bool:
         (list(b) if isinstance(b, (list, tuple)) else b)
 
 
-def adopt_shape(cfg, wanted: dict, prefix: str, source: str, keep: tuple[str, ...] = ()):
+def adopt_shape(cfg, wanted: dict, prefix: str, source: str, keep: tuple[str, ...] = (),
+                given: set[str] | None = None):
     """`cfg` (a dataclass config) with the `wanted` values of a checkpoint's shape taken where
-    `cfg` holds the dataclass default, returned with a "prefix.key=value" list of what changed.
-    A key set to something else than both the default and the checkpoint's value is refused
-    by name (`keep`: keys the run may set freely, e.g. Swin's window size)."""
+    the run did not set the key, returned with a "prefix.key=value" list of what changed. A key
+    the run set to another value than the checkpoint's is refused by name (`keep`: keys the run
+    may set freely, e.g. the image size). `given`: the dotted keys the run set (the command
+    line's and config file's); None: a value other than the dataclass default counts as set."""
     default = type(cfg)()
     changes, changed = {}, []
     for key, want in wanted.items():
         have = getattr(cfg, key)
         if _same(have, want):
             continue
-        if _same(have, getattr(default, key)):
+        explicit = (f"{prefix}.{key}" in given if given is not None
+                    else not _same(have, getattr(default, key)))
+        if not explicit:
             changes[key] = want
             changed.append(f"{prefix}.{key}={list(want) if isinstance(want, tuple) else want!r}")
         elif key not in keep:
@@ -162,25 +167,30 @@ def adopt_shape(cfg, wanted: dict, prefix: str, source: str, keep: tuple[str, ..
     return replace(cfg, **changes), changed
 
 
-def adopt_vision_shape(cfg: VisionConfig, path: str | Path) -> tuple[VisionConfig, list[str]]:
-    """model.vision with the shape of the image encoder in `path` (arch and _ARCH_KEYS, which
-    for a ViT include its image size; Swin's window where left at its default, its pooling),
-    and what changed. A Swin's image size stays the run's: its weights do not depend on it."""
+def adopt_vision_shape(cfg: VisionConfig, path: str | Path, given: set[str] | None = None
+                       ) -> tuple[VisionConfig, list[str]]:
+    """model.vision with the shape of the image encoder in `path` (arch and _ARCH_KEYS; a ViT's
+    image size and Swin's window where the run does not set them; Swin's pooling), and what
+    changed. A Swin's image size stays the run's: its weights do not depend on it. `given`: as
+    adopt_shape's."""
     saved = vision_tower_config(path)
     source = str(Path(path) / modeldir.CONFIG)
     wanted = {"arch": saved.arch, **{k: getattr(saved, k) for k in _ARCH_KEYS[saved.arch]}}
-    keep = ()
     if saved.arch == "swin":
         wanted.update(window_size=saved.window_size, pool="mean")
         keep = ("window_size",)
-    return adopt_shape(cfg, wanted, "model.vision", source, keep)
+    else:
+        wanted.update(image_size=saved.image_size)
+        keep = ("image_size",)
+    return adopt_shape(cfg, wanted, "model.vision", source, keep, given)
 
 
 def init_vision_tower(tower: VisionTower, path: str | Path) -> VisionConfig:
     """Load the image encoder in `path` (a vision-tower directory, or a dual tower's / combined
     model's) into `tower`, everything but its projection. The architecture must match
-    (`_ARCH_KEYS`, named when not); for Swin the image and window sizes may differ (relative
-    position tables are resampled bicubically). Every weight must fit: the first missing,
+    (`_ARCH_KEYS`, named when not); the image size may differ (a ViT's learned positions are
+    resampled bicubically to the tower's grid, the class position kept) and so may Swin's window
+    (its relative position tables are resampled). Every weight must fit: the first missing,
     unexpected or misshapen one is named with the file. Returns the directory's VisionConfig."""
     saved, state, _ = read_vision_tower(path)
     source = Path(path) / modeldir.WEIGHTS
@@ -193,6 +203,13 @@ def init_vision_tower(tower: VisionTower, path: str | Path) -> VisionConfig:
             raise modeldir.ModelDirError(
                 f"{path}: vision.{key}={a!r} but model.vision.{key}={b!r}; set "
                 f"model.vision.{key}={a!r} to start from these weights")
+    pos = state.get("embed.pos_embed")
+    if saved.arch == "vit" and saved.pos_embed == "learned" and pos is not None \
+            and tower.cfg.image_size != saved.image_size:
+        grid = tower.cfg.image_size // tower.cfg.patch_size
+        old_grid = saved.image_size // saved.patch_size
+        if pos.ndim == 3 and pos.shape[1] == old_grid * old_grid + 1:  # else named below
+            state = {**state, "embed.pos_embed": resample_pos_embed(pos, grid, 1)}
     ours = tower.state_dict()
     for key, value in state.items():
         if key not in ours:
@@ -278,6 +295,10 @@ def init_towers(model: "DualTower") -> list[str]:
     """Load each tower's `init_from` (model.vision.init_from: a vision-tower, dual-tower or
     combined directory; model.text.init_from: a BERT folder) into `model`, in place. Returns
     one line per tower loaded, for the log."""
+    if model.cfg.init_from:
+        # model.init_from loads every weight; the towers' init_from in a directory's config is
+        # the history of how that model started, not read again
+        return []
     done = []
     vision, text = model.cfg.vision, model.cfg.text
     if vision.init_from:

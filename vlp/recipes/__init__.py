@@ -62,7 +62,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     if started_from:
         validate(cfg)  # the directory's shape must suit the recipe (e.g. MLM needs BERT-style)
     if cfg.recipe in ("dual_tower", "combined"):
-        cfg, tower_shapes = resolve_tower_inits(cfg)  # before the transforms and tokenizer
+        cfg, tower_shapes = resolve_tower_inits(cfg, given)  # before transforms and tokenizer
         started_from += tower_shapes
     world = dist.init()
     main = world.is_main

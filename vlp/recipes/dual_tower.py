@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vlp.config import ConfigError, PretrainConfig, validate
+from vlp.config import ConfigError, PretrainConfig, flatten, to_dict, validate
 from vlp.engine.task import Task
 from vlp.eval.retrieval import evaluate_retrieval, format_table
 from vlp.models import DualTower
@@ -30,21 +30,27 @@ from vlp.recipes.init_from import load_start, start_transform
 from vlp.tokenizer import Tokenizer
 
 
-def resolve_tower_inits(cfg: PretrainConfig) -> tuple[PretrainConfig, list[str]]:
+def resolve_tower_inits(cfg: PretrainConfig, given: set[str] | None = None
+                        ) -> tuple[PretrainConfig, list[str]]:
     """The run's config with the shapes its towers' init_from directories imply: each tower
-    takes its checkpoint's shape where its keys keep their defaults (a key set to something
-    else is refused by name), a BERT text tower is post-LN, and without tokenizer.path the BERT
-    folder's vocabulary becomes the tokenizer. Returns (the resolved copy, what changed, for
-    the log); `cfg` itself is left as given. Resolving a resolved config changes nothing."""
+    takes its checkpoint's shape where the run does not set the key (a key set to another
+    value is refused by name; a ViT's image size may be set: its positions are resampled), a
+    BERT text tower is post-LN, and without tokenizer.path the BERT folder's vocabulary becomes
+    the tokenizer. `given`: the dotted keys the run set (None: values other than the defaults
+    count as set). Returns (the resolved copy, what changed, for the log); `cfg` itself is
+    left as given. Resolving a resolved config changes nothing. With model.init_from the whole
+    model is that directory's, and its towers' init_from are not read."""
+    if cfg.model.init_from:
+        return cfg, []
     vision, text, tokenizer = cfg.model.vision, cfg.model.text, cfg.tokenizer
     changed: list[str] = []
     if vision.init_from:
-        vision, more = adopt_vision_shape(vision, vision.init_from)
+        vision, more = adopt_vision_shape(vision, vision.init_from, given)
         changed += more
     if text.init_from:
         bert = read_bert_config(text.init_from)
         source = str(Path(text.init_from) / "config.json")
-        text, more = adopt_shape(text, bert_shape(bert), "model.text", source)
+        text, more = adopt_shape(text, bert_shape(bert), "model.text", source, given=given)
         changed += more
         if text.context_length > bert["max_position_embeddings"]:
             raise ConfigError(f"model.text.context_length={text.context_length} is longer than "
@@ -72,22 +78,19 @@ def log_lines(lines: list[str]) -> None:
 
 
 def check_tower_inits(cfg: PretrainConfig, tokenizer: Tokenizer) -> PretrainConfig:
-    """The config a dual-tower or combined recipe builds its towers from: `cfg` resolved
-    (resolve_tower_inits), refusing by name what the run has already used unresolved (the
-    image size of its data transform, the tokenizer)."""
-    resolved, _ = resolve_tower_inits(cfg)
-    v, rv = cfg.model.vision, resolved.model.vision
-    if rv.image_size != v.image_size:
-        raise ConfigError(f"model.vision.init_from={v.init_from!r} was trained at image_size="
-                          f"{rv.image_size}: set model.vision.image_size={rv.image_size}")
-    if cfg.model.text.init_from:
+    """`cfg` checked to be resolved for its towers' init_from (`pretrain` resolves it before
+    the data transforms and the tokenizer are made): every shape key the directories fix equal
+    to theirs, the BERT folder's vocabulary the tokenizer's. A ConfigError names the first key
+    that is not."""
+    resolve_tower_inits(cfg, given=set(flatten(to_dict(cfg))))  # adopts nothing, refuses
+    if cfg.model.text.init_from and not cfg.model.init_from:
         bert_vocab = read_bert_config(cfg.model.text.init_from)["vocab_size"]
         if bert_vocab != tokenizer.vocab_size:
             raise ConfigError(f"model.text.init_from has a {bert_vocab}-token vocabulary but the "
                               f"tokenizer ({cfg.tokenizer.path or 'trained on the captions'}) "
                               f"has {tokenizer.vocab_size}; use the BERT folder's own "
                               f"(tokenizer.path={cfg.model.text.init_from})")
-    return resolved
+    return cfg
 
 
 class DualTowerRecipe(Task):
