@@ -2,9 +2,8 @@
 (continuing a converted CLIP, or a vlp run, on other data).
 
 The model's shape and tokenizer come from DIR: a `model.*` key the run sets to a value other
-than DIR's is refused by name (but model.vision.image_size: DIR's learned position grid is
-resampled to it), as is a `tokenizer.path` naming
-another vocabulary. The weights are loaded exactly (every key, every shape) before the first
+than DIR's is refused by name, as is a `tokenizer.path` naming another vocabulary (but
+model.vision.image_size may differ: DIR's learned position grid is resampled to it). The weights are loaded exactly (every key, every shape) before the first
 step. What each recipe takes:
 
     recipe=dual_tower     a dual_tower directory, or the towers of a combined one
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vlp import modeldir
-from vlp.config import ConfigError, ModelConfig, PretrainConfig, flatten, from_dict, to_dict
+from vlp.config import ConfigError, ModelConfig, PretrainConfig, flatten, to_dict
 from vlp.data.transforms import ImageTransform
 from vlp.models.resize import at_image_size
 from vlp.models.towers import VISION_SOURCES
