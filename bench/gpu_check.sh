@@ -2,10 +2,25 @@
 # The checks that need a GPU (issue 18): one short script, for a machine with one CUDA GPU and
 # vlp installed over a CUDA build of torch (`pip install -e ".[dev]"` without the CPU pin).
 # Each check prints one "CHECK name: ok|FAIL ..." line; the exit status is the number failed.
-# Everything else in issue 18 is tested on CPU by the suite.
+# Everything else in issue 18 is tested on CPU by the suite. Without a CUDA GPU it says so
+# and exits 2 before running anything.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        (~5 min on one H100/H200)
 set -uo pipefail
+python - <<'EOF' || exit 2
+import sys
+try:
+    import torch
+except ImportError as e:
+    sys.exit(f"gpu_check: needs a GPU machine with vlp installed over a CUDA build of torch "
+             f"(README); torch does not import here: {e}")
+print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: needs a GPU: no CUDA device is visible here "
+             f"(torch.cuda.is_available() is False; torch {torch.__version__}, CUDA build "
+             f"{torch.version.cuda}). Run it on a machine with a CUDA GPU; the CPU paths are "
+             "tested by the suite (pytest).")
+EOF
 OUT=${1:-${OUT:-/tmp/vlp_gpu_check}}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -16,11 +31,6 @@ check() {  # check NAME COMMAND...: run it, log it, say ok / FAIL
   else echo "CHECK $name: FAIL (exit $?; $OUT/$name.log)"; tail -5 "$OUT/$name.log"; failed=$((failed + 1)); fi
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python - <<'EOF'
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())
-assert torch.cuda.is_available(), "no CUDA device: this script is for a GPU machine"
-EOF
 
 # 1. The suite's engine, resume, config and launcher tests, now on a CUDA engine (inputs go
 #    to engine.device; the CUDA RNG state test runs instead of skipping).

@@ -1,9 +1,19 @@
 """Shared fixtures for the fine-tuning tests: one small shapes world with benchmark files, and
 tiny pretrained model directories of each family made by real (2-step) `vlp pretrain` runs."""
+import os
+
 import pytest
 
 from vlp.cli import main
 from vlp.data.synth import generate
+from vlp.engine.dist import without_launcher_vars
+
+# The suite's in-process runs are one-process worlds wherever pytest runs: inside an `srun` step
+# or an MPI job, the inherited SLURM_*/PMI_*/OMPI_* variables would make each of them wait for
+# ranks that never come (vlp.engine.dist reads them, as issue 18 asks).
+_launcher_env = set(os.environ) - set(without_launcher_vars(os.environ))
+for _name in _launcher_env:
+    del os.environ[_name]
 
 _TOWERS = ["model.embed_dim=32", "model.vision.width=32", "model.vision.layers=1",
            "model.vision.heads=2", "model.text.width=32", "model.text.layers=1",

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlp.engine.dist import LAUNCH_VARS
+from vlp.engine.dist import without_launcher_vars
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -34,7 +34,7 @@ def command(launcher: str, nproc: int, args: list[str]) -> list[str]:
 
 def env() -> dict:
     # not this pytest process's one-process world, if an in-process run made one
-    out = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    out = without_launcher_vars(os.environ)
     out["PYTHONPATH"] = str(ROOT) + os.pathsep + out.get("PYTHONPATH", "")
     return out
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlp.engine.dist import (LAUNCH_VARS, LaunchError, World, cuda_device, first_slurm_host,
-                             launch_env, rank_seed, seed_for_rank, slurm_tasks_per_node,
-                             world_from_env)
+from vlp.engine.dist import (LAUNCHER_PREFIXES, LaunchError, World, cuda_device,
+                             first_slurm_host, launch_env, rank_seed, seed_for_rank,
+                             slurm_tasks_per_node, without_launcher_vars, world_from_env)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,6 +107,27 @@ def test_srun_step_makes_one_world_with_the_first_node_as_rendezvous():
     assert world_from_env({**batch, "SLURM_PROCID": "0"}) == World()
 
 
+def test_a_one_task_srun_step_rendezvouses_on_a_free_local_port():
+    """`srun -n1 pytest` (or an interactive `srun --pty bash`): the job-wide port 15000 + job id
+    could be taken by another step on the node; a one-process world needs no agreed port."""
+    one = {**SRUN, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_NODEID": "0"}
+    assert world_from_env(one) == World(0, 1, 0, 1)
+    env = launch_env(one)
+    assert env["MASTER_ADDR"] == "127.0.0.1"
+    assert env["MASTER_PORT"] != str(15000 + 123456 % 10000)
+
+
+def test_the_suite_runs_outside_any_launcher_world():
+    """tests/conftest.py drops inherited launcher variables: a suite started inside an `srun`
+    step or an MPI job would otherwise make every in-process run wait for absent ranks."""
+    assert not [k for k in os.environ if k.startswith(LAUNCHER_PREFIXES)]
+    kept = without_launcher_vars({"SLURM_PROCID": "0", "PMI_SIZE": "4", "OMPI_COMM_WORLD_RANK":
+                                  "1", "MV2_COMM_WORLD_SIZE": "2", "MPI_LOCALRANKID": "0",
+                                  "WORLD_SIZE": "2", "HOME": "/root", "PMIX_X": "y"})
+    assert kept == {"HOME": "/root", "PMIX_X": "y"}
+
+
 def test_slurm_hostlists_and_task_layouts():
     assert first_slurm_host("gpu[003-004,007],cpu1") == "gpu003"
     assert first_slurm_host("node1,node2") == "node1"
@@ -170,8 +191,7 @@ td.destroy_process_group()  # exiting with gloo's threads alive can abort the pr
 def test_two_processes_with_only_open_mpi_variables_join_one_world():
     """What `mpirun -n 2` (or `deepspeed --launcher openmpi`) gives each process; before, both
     were rank 0 of a one-process world."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in LAUNCH_VARS and not k.startswith(("OMPI_", "PMI_", "MV2_", "SLURM_"))}
+    base = without_launcher_vars(os.environ)
     base["PYTHONPATH"] = str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")
     procs = []
     for rank in (0, 1):

@@ -2,6 +2,7 @@
 weights exactly, with its shape and tokenizer; conflicting settings and unfit weights stop with
 one line naming the key or file."""
 import json
+import re
 import shutil
 
 import pytest
@@ -89,18 +90,18 @@ def test_combined_takes_a_dual_tower_or_a_combined_directory(pretrained, ft_worl
     (["model.text.context_length=16"], "model.text.context_length=16 conflicts"),
     (["tokenizer.path={other}"], "tokenizer.path=.* conflicts with model.init_from"),
     (["recipe=single_stream"], "architecture 'dual_tower' is not usable here"),
-    (["model.init_text_from={other}"], "both set the text weights"),
+    (["model.vision.init_from={clip}"], "both set weights of the same tower"),
 ])
 def test_conflicting_settings_are_refused_by_name(published_clip, ft_world, tmp_path,  # noqa: F811
                                                    capsys, overrides, message):
     other = tmp_path / "other.json"
     shutil.copy(published_clip / "tokenizer.json", other)
-    overrides = [o.format(other=other) for o in overrides]
+    overrides = [o.format(other=other, clip=published_clip) for o in overrides]
     rc = main(["pretrain", "--out", str(tmp_path / "run"), f"model.init_from={published_clip}",
                f"data.train={ft_world}/train", *overrides, *RUN])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
-    assert pytest.importorskip("re").search(message, err), err
+    assert re.search(message, err), err
     assert not (tmp_path / "run" / "model").exists()
 
 
@@ -122,3 +123,20 @@ def test_unfit_weights_name_the_file_and_key(published_clip, ft_world, tmp_path,
                f"data.train={ft_world}/train", "train.steps=1", *RUN])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "model.safetensors" in err and "not safetensors" in err, err
+
+
+def test_a_new_image_size_resamples_the_positions(published_clip, ft_world):  # noqa: F811
+    """model.vision.image_size=96 from a 64-px directory: the learned grid resampled (4x4 ->
+    6x6, class position kept), every other weight as saved."""
+    from vlp.models.embed import resample_pos_embed
+
+    cfg, recipe, model = _recipe_model([f"model.init_from={published_clip}",
+                                        f"data.train={ft_world}/train",
+                                        "model.vision.image_size=96"])
+    assert cfg.model.vision.image_size == 96 and recipe.eval_transform.image_size == 96
+    saved = load_file(str(published_clip / "model.safetensors"))
+    ours = model.state_dict()
+    key = "visual.embed.pos_embed"
+    assert ours[key].shape[1] == 1 + 6 * 6
+    assert torch.equal(ours[key], resample_pos_embed(saved[key], 6, 1))
+    _assert_same_state(model, {k: v for k, v in saved.items() if k != key})

@@ -269,10 +269,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(shapes, tmp_path, token
     import sys
     import time
 
-    from vlp.engine.dist import LAUNCH_VARS
+    from vlp.engine.dist import without_launcher_vars
 
     # this pytest process may hold a one-process world already (in-process runs above)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env = without_launcher_vars(os.environ)
     out = tmp_path / "run"
     args = [sys.executable, "-m", "vlp", "pretrain", "--out", str(out), "--no-progress",
             f"data.train={shapes}/train", "eval.at_end=false", "train.save_every=0",

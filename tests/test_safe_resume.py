@@ -12,7 +12,7 @@ import torch
 from vlp.cli import main
 from vlp.config import TrainConfig
 from vlp.engine import checkpoint, dist, safe_load
-from vlp.engine.dist import LAUNCH_VARS
+from vlp.engine.dist import without_launcher_vars
 from vlp.engine.engine import Engine, rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,7 +168,7 @@ TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.layers=1",
 
 
 def _resume_in_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env = without_launcher_vars(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "vlp", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)

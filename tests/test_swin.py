@@ -322,9 +322,10 @@ def test_config_validation_lists(tmp_path):
     with pytest.raises(ConfigError, match=r"stage_depths='\[2,2\]' must be a list of positive"):
         load_config(None, ["model.vision.arch=swin", "model.vision.pool=mean",
                            "model.vision.stage_depths=[2,2]"])
-    with pytest.raises(ConfigError, match="recipe=dual_tower only so far"):
+    # every recipe takes a Swin tower (issue 13 part 2; tests/test_swin_families.py)
+    for recipe in ("single_stream", "combined"):
         load_config(None, ["model.vision.arch=swin", "model.vision.pool=mean",
-                           "recipe=single_stream"])
+                           f"recipe={recipe}", "model.text.mask=bidirectional"])
     # image sizes that are no multiple of the patch are fine for Swin (padded), not for ViT
     load_config(None, ["model.vision.arch=swin", "model.vision.pool=mean",
                        "model.vision.image_size=60"])

@@ -25,11 +25,16 @@
     vlp convert to-hf-clip MODEL_DIR OUT_DIR     (a vlp dual tower -> CLIPModel folder)
     vlp convert open-clip STATE.safetensors OUT_DIR --config MODEL.json --tokenizer TOK
     vlp convert hf-swin SRC_DIR OUT_DIR          (a local HF Swin folder -> vision-tower dir)
+    vlp convert hf-vit SRC OUT_DIR [--heads N]   (a local HF ViT folder, or a timm ViT
+        .safetensors / hub folder -> vision-tower dir; --heads for timm only)
     vlp index build --model DIR --data SHARDS --out INDEX_DIR [--text] [--batch-size N]
         [--chunk-size N] [--max-memory 4GB] [--index-type auto|flat|hnsw|ivf|ivf-hnsw|ivf-pq|
-        opq-pq|FAISS_FACTORY]   (a rerun resumes a killed build; written chunks are kept)
+        opq-pq|FAISS_FACTORY] [--on-disk] [--max-chunks N]   (a rerun resumes a killed build;
+        written chunks are kept; also under torchrun / deepspeed: every process embeds a share)
     vlp search "QUERY" --index DIR [-k 10] [--image PATH] [--mode image|text] [--json]
-    vlp serve --index DIR [--host 127.0.0.1] [--port 8000]
+    vlp serve --index DIR [--model DIR] [--host 127.0.0.1] [--port 8000]   (search page + API)
+    vlp serve --model FINETUNED_DIR [--host 127.0.0.1] [--port 8000]
+        (demo page + API of a fine-tuned VQA or captioning model: upload an image, ask)
     vlp plot RUN [RUN ...] --out curves.png [--metrics NAME ...]
 """
 from __future__ import annotations
@@ -65,17 +70,14 @@ def _run_config(args: argparse.Namespace, overrides: list[str], cls, given: set 
     """The run's config, checked before any work: defaults <- --config <- overrides; with
     --resume, the resumed run's saved config.yaml comes first (what it was started with).
     `given` (a set) receives the keys set explicitly."""
-    from vlp.config import given_keys, load_config, read_yaml
+    from vlp.config import load_config, read_yaml
     from vlp.engine.loop import saved_config_path
 
     saved = None
     if args.resume and (args.out or args.resume != "latest"):
         saved = saved_config_path(args.out or ".", args.resume)
-    base = read_yaml(saved) if saved else None
-    cfg = load_config(args.config, overrides, cls=cls, base=base)
-    if given is not None:
-        given |= given_keys(args.config, overrides, base)
-    return cfg
+    return load_config(args.config, overrides, cls=cls,
+                       base=read_yaml(saved) if saved else None, given=given)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -247,6 +249,12 @@ def _cmd_convert_hf_swin(args: argparse.Namespace) -> int:
     return _convert("hf-swin", from_hf_swin, args.src, args.out)
 
 
+def _cmd_convert_hf_vit(args: argparse.Namespace) -> int:
+    from vlp.convert.hf_vit import from_hf_vit
+
+    return _convert("hf-vit", from_hf_vit, args.src, args.out, args.heads)
+
+
 def _report(metrics: dict, table: str, out: str | None) -> None:
     """Print the table; with --out, write the metrics as flat JSON."""
     print(table)
@@ -349,11 +357,14 @@ def _cmd_index_build(args: argparse.Namespace) -> int:
         info = build(args.model, args.data, args.out, text=args.text, device=args.device,
                      batch_size=args.batch_size, chunk_size=args.chunk_size, dtype=args.dtype,
                      index_type=args.index_type, max_memory=args.max_memory,
+                     on_disk=True if args.on_disk else None, max_chunks=args.max_chunks,
                      progress=not args.no_progress)
     except ValueError as e:  # bad settings, or a resume with other settings: no traceback
         print(f"vlp index build: error: {e}", file=sys.stderr)
         return 2
     print(info["embed"])
+    if "rank" in info or not info.get("complete", True):
+        return 0  # another rank of a multi-process build (rank 0 reports), or --max-chunks
     for modality in ("image", "text"):
         if modality in info:
             r = info[modality]
@@ -394,6 +405,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.index is None:
+        if args.model is None:
+            print("vlp serve: error: give --index DIR (the search page over an index) or "
+                  "--model DIR (the demo of a fine-tuned VQA or captioning model)",
+                  file=sys.stderr)
+            return 2
+        return _serve_model(args)
     from vlp.retrieval.search import Searcher
     from vlp.retrieval.serve import make_server
 
@@ -406,6 +424,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     searcher.model  # load it now: the first query should not wait for it
     print(f"serving {args.index} ({searcher.count} images) on {server.url}  (Ctrl-C stops)",
           flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _serve_model(args: argparse.Namespace) -> int:
+    from vlp.retrieval.model_service import make_model_server
+
+    try:  # the port is bound first: a port in use fails before the model loads
+        server = make_model_server(args.model, args.host, args.port, device=args.device)
+    except (OSError, ValueError) as e:  # BindError, no model directory, ModelDirError
+        print(f"vlp serve: error: {e}", file=sys.stderr)
+        return 2
+    task = server.service.task
+    print(f"serving the {task} model {args.model} on {server.url}  (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -590,6 +627,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="vision-tower directory to write (config.json + "
                    "model.safetensors; vlp.models.towers.init_vision_tower reads it)")
     p.set_defaults(func=_cmd_convert_hf_swin)
+    p = conv.add_parser("hf-vit", help="Hugging Face ViTModel / ViTForImageClassification "
+                        "folder, or a timm ViT state dict -> vlp vision-tower directory")
+    p.add_argument("src", help="folder with config.json (model_type vit) and model.safetensors "
+                   "(or pytorch_model.bin, read with weights_only=True); or a timm ViT "
+                   ".safetensors file, or a timm hub folder (config.json + model.safetensors)")
+    p.add_argument("out", help="vision-tower directory to write (config.json + "
+                   "model.safetensors; model.vision.init_from=OUT starts a tower from it)")
+    p.add_argument("--heads", type=int, default=None, help="timm only: the attention heads "
+                   "(not in the weights; default: the hub config's, or the size in its "
+                   "architecture name)")
+    p.set_defaults(func=_cmd_convert_hf_vit)
 
     idx = sub.add_parser("index", help="retrieval indexes (faiss)").add_subparsers(
         dest="index_cmd", required=True)
@@ -607,6 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", default="4GB", help="memory budget of the index, e.g. 4GB")
     p.add_argument("--index-type", default="auto", help="auto, flat, hnsw, ivf, ivf-hnsw, "
                    "ivf-pq, opq-pq, or a faiss factory string (e.g. 'IVF1024,PQ32x8')")
+    p.add_argument("--on-disk", action="store_true", help="keep the IVF inverted lists on disk "
+                   "(default: when they exceed --max-memory)")
+    p.add_argument("--max-chunks", type=int, help="stop after embedding N chunks (per "
+                   "process) and build no index yet; rerun to go on")
     p.add_argument("--no-progress", action="store_true")
     _add_device_arg(p)
     p.set_defaults(func=_cmd_index_build)
@@ -624,13 +676,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     p.set_defaults(func=_cmd_search)
 
-    p = sub.add_parser("serve", help="HTTP search API and web page over an index")
-    p.add_argument("--index", required=True, help="index folder (vlp index build --out)")
+    p = sub.add_parser("serve", help="HTTP API and web page: search over an index (--index), "
+                       "or the demo of a fine-tuned VQA / captioning model (--model alone)")
+    p.add_argument("--index", help="index folder (vlp index build --out): serve the search")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default loopback; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", help="model directory (default: the one the index was built "
-                   "with)")
+    p.add_argument("--model", help="with --index: the model for the queries (default: the one "
+                   "the index was built with); alone: a fine-tuned VQA or captioning model "
+                   "directory (vlp finetune vqa|caption's OUT/model) to try in the browser")
     _add_device_arg(p)
     p.set_defaults(func=_cmd_serve)
 

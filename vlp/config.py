@@ -53,6 +53,14 @@ class VisionConfig(EncoderConfig):
     stage_depths: tuple[int, ...] = (2, 2, 6, 2)
     stage_heads: tuple[int, ...] = (4, 8, 16, 32)
     window_size: int = 7
+    # a directory whose image encoder the tower starts from (dual_tower and combined recipes):
+    # a vision-tower directory (`vlp convert hf-vit` / `hf-swin`) or a dual-tower / combined
+    # model directory. Its shape is taken where these keys keep their defaults; a conflicting
+    # one is refused by name. The projection stays fresh.
+    init_from: str = ""
+    # swin only: the stage whose feature map RoIAlign pools (single-stream `roi_align` regions,
+    # grounded objects of VCR / RefCOCO); Python indexing, -1 = the last stage
+    roi_stage: int = -1
 
 
 @dataclass
@@ -64,6 +72,13 @@ class TextConfig(EncoderConfig):
     mask: Literal["causal", "bidirectional"] = "causal"
     pool: Literal["eos", "cls", "mean"] = "eos"
     vocab_size: int = 0  # 0: taken from the tokenizer when the model is built
+    # False: BERT's text tower (word + position + segment embeddings with a LayerNorm, post-LN
+    # blocks): what init_from loads into
+    norm_first: bool = True
+    # a local Hugging Face BERT folder the text tower starts from (dual_tower and combined
+    # recipes; the single stream's is model.init_text_from): its shape and tokenizer are taken,
+    # and it needs mask=bidirectional and pool=cls (or mean)
+    init_from: str = ""
 
 
 @dataclass
@@ -82,6 +97,10 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature
     max_logit_scale: float = math.log(100.0)  # CLIP clamps exp(scale) at 100
+    # SigLIP's learnable logit bias (objectives.loss=siglip turns it on: a dual tower has the
+    # parameter only then, so directories written without it keep loading)
+    logit_bias: bool = False
+    init_logit_bias: float = -10.0  # SigLIP's init (Zhai et al. 2023, Sec. 3.2)
     # single-stream only: the visual tokens. patches: ViLT-style patch embeddings of the image
     # (model.vision.image_size/patch_size); regions: precomputed {key}.regions.npz features
     # with their boxes; roi_align: a patch encoder (model.vision) pooled over the json boxes.
@@ -124,6 +143,11 @@ class TrainConfig:
     steps: int = 800  # optimizer steps
     batch_size: int = 128  # per process (DeepSpeed's train_micro_batch_size_per_gpu)
     grad_accum: int = 1  # micro-batches per optimizer step (each its own contrastive batch)
+    # > 1: K micro-batches form ONE contrastive batch (GradCache: features cached without
+    # graphs, the loss over all K x batch_size x processes rows, each micro-batch recomputed
+    # with its feature gradients); recipe=dual_tower. An optimizer step takes
+    # grad_accum x contrastive_accum micro-batches.
+    contrastive_accum: int = 1
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 50
@@ -145,6 +169,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
     threads: int = 0  # torch intra-op threads per process; 0: the cores / processes per node
+    # Frozen towers (vlp/engine/optim.py): out of the optimizer, unchanged bit for bit.
+    # lock_image: the whole image tower (OpenCLIP's --lock-image, LiT); with
+    # lock_image_unlocked_layers=N its last N blocks (and the final norm and projection) train
+    lock_image: bool = False
+    lock_image_unlocked_layers: int = 0
+    lock_text: bool = False  # the whole text tower (OpenCLIP's --lock-text)
+    # Layer-wise lr decay (BEiT): block i of L (0-based) in each tower / single-stream encoder
+    # trains at lr * layer_decay^(L - i), its embeddings at lr * layer_decay^(L + 1), everything
+    # after the blocks at lr. 1: off
+    layer_decay: float = 1.0
+    head_lr_mult: float = 1.0  # fine-tuning only: the task head trains at lr * head_lr_mult
 
 
 @dataclass
@@ -157,8 +192,13 @@ class EvalConfig:
 
 @dataclass
 class ObjectivesConfig:
-    """Single-stream pretraining objectives (weights 0 turn one off)."""
+    """The dual tower's contrastive loss; single-stream pretraining objectives (weights 0 turn
+    one off)."""
 
+    # recipe=dual_tower: clip (softmax InfoNCE, both directions) or siglip (a sigmoid per
+    # pair, with a learnable bias: sets model.logit_bias=true and, unless given,
+    # model.init_logit_scale=log 10, the paper's init)
+    loss: Literal["clip", "siglip"] = "clip"
     mlm_prob: float = 0.15  # BERT: of these, 80% [MASK], 10% random token, 10% unchanged
     whole_word: bool = False  # mask all pieces of a word together
     mrm_prob: float = 0.15  # regions masked (features zeroed) for MRC / MRFR
@@ -283,6 +323,21 @@ class FinetuneEvalConfig:
     best_metric: str = ""
 
 
+@dataclass
+class FinetuneVisionConfig:
+    """What a fine-tuning run may change of the pretrained image tower."""
+
+    # 0: the size the model was trained at; else fine-tune at this size (BLIP, METER, LAVIS
+    # fine-tune VQA and captioning above the pretraining resolution): learned patch positions
+    # are resampled bicubically (vlp/models/resize.py), the image transform resizes to it
+    image_size: int = 0
+
+
+@dataclass
+class FinetuneModelConfig:
+    vision: FinetuneVisionConfig = field(default_factory=FinetuneVisionConfig)
+
+
 def _finetune_train() -> TrainConfig:
     return TrainConfig(steps=1000, batch_size=64, lr=2e-4, min_lr=1e-6, warmup_steps=100,
                        weight_decay=0.01, save_every=250)
@@ -292,6 +347,7 @@ def _finetune_train() -> TrainConfig:
 class FinetuneConfig:
     task: Literal["vqa", "caption", "vcr", "retrieval", "refcoco"] = "vqa"
     init_from: str = ""  # the pretrained model directory (OUT/model of `vlp pretrain`)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     epochs: float = 0.0  # > 0: train.steps becomes this many passes over the training split
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     train: TrainConfig = field(default_factory=_finetune_train)
@@ -408,31 +464,47 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type = PretrainConfig, base: dict | None = None) -> Any:
+                cls: type = PretrainConfig, base: dict | None = None,
+                given: set[str] | None = None) -> Any:
     """Defaults <- `base` (a resumed run's saved config) <- YAML file <- `key=value`
-    overrides, each checked strictly."""
+    overrides, each checked strictly. `given` (a set), when passed, receives the dotted keys
+    some layer set explicitly (what derived defaults and model.init_from must not replace)."""
     cfg = cls()
+    given = set() if given is None else given
     if base:
         apply_dict(cfg, base)
+        given.update(flatten(base))
     if path is not None:
         try:
-            apply_dict(cfg, read_yaml(path))
+            data = read_yaml(path)
+            apply_dict(cfg, data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+        given.update(flatten(data))
     if overrides:
-        apply_dict(cfg, parse_overrides(overrides))
+        updates = parse_overrides(overrides)
+        apply_dict(cfg, updates)
+        given.update(flatten(updates))
+    derive(cfg, given)
     validate(cfg)
     return cfg
 
 
-def given_keys(path: str | Path | None = None, overrides: list[str] | None = None,
-               base: dict | None = None) -> set[str]:
-    """The dotted keys a config file, overrides and base set explicitly (whatever their
-    values): what `model.init_from` must not silently replace."""
-    keys = set(flatten(base or {}))
-    if path is not None:
-        keys |= set(flatten(read_yaml(path)))
-    return keys | set(flatten(parse_overrides(overrides or [])))
+# SigLIP's initial temperature t' = log 10 (its bias starts at ModelConfig.init_logit_bias, -10;
+# Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", Sec. 3.2)
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+
+
+def derive(cfg: Any, given: set[str] | frozenset[str] = frozenset()) -> None:
+    """Defaults that follow from other keys, filled in once before validation (so a run's
+    config.yaml says what runs): objectives.loss=siglip gives the dual tower its logit bias and
+    SigLIP's initial temperature, unless `given` (the dotted keys set explicitly) names them."""
+    if not isinstance(cfg, PretrainConfig) or cfg.objectives.loss != "siglip":
+        return
+    if "model.logit_bias" not in given:
+        cfg.model.logit_bias = True
+    if "model.init_logit_scale" not in given:
+        cfg.model.init_logit_scale = SIGLIP_INIT_LOGIT_SCALE
 
 
 # What a resumed run may change: nothing already trained or read depends on these. train.steps
@@ -482,13 +554,12 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     v, t = cfg.model.vision, cfg.model.text
     if v.arch == "swin":
         _validate_swin(v)
-        if cfg.recipe != "dual_tower":
-            raise ConfigError(f"model.vision.arch=swin runs with recipe=dual_tower only so far "
-                              f"(recipe={cfg.recipe} takes ViT tokens); use model.vision.arch="
-                              "vit there")
     elif v.image_size % v.patch_size:
         raise ConfigError(f"model.vision.image_size={v.image_size} must be a multiple of "
                           f"model.vision.patch_size={v.patch_size}")
+    elif v.roi_stage not in (0, -1):
+        raise ConfigError(f"model.vision.roi_stage={v.roi_stage} is Swin's (a stage to pool "
+                          "regions from); a ViT has one grid: leave it at -1")
     for name, tower in (("vision", v), ("text", t)):
         if name == "vision" and v.arch == "swin":
             continue  # its stages' heads are checked above
@@ -496,6 +567,7 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
             raise ConfigError(f"model.{name}.width={tower.width} must be divisible by "
                               f"model.{name}.heads={tower.heads}")
     _validate_train(cfg.train)
+    _validate_locks(cfg)
     positive = {"model.text.context_length": t.context_length,
                 "tokenizer.max_captions": cfg.tokenizer.max_captions,
                 "model.embed_dim": cfg.model.embed_dim, "eval.batch_size": cfg.eval.batch_size}
@@ -507,6 +579,7 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
             raise ConfigError(f"eval.{key}={getattr(cfg.eval, key)} must be >= 0")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    _validate_inits(cfg)
     f = cfg.model.fusion
     if cfg.recipe == "single_stream":
         if f.width % f.heads:
@@ -525,14 +598,53 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
             raise ConfigError("recipe=combined runs MLM on the text tower: set "
                               "model.text.mask=bidirectional (and model.text.pool=cls)")
     o = cfg.objectives
+    if o.loss == "siglip" and cfg.recipe != "dual_tower":
+        raise ConfigError(f"objectives.loss=siglip is the dual tower's loss; recipe="
+                          f"{cfg.recipe} has its own objectives (use recipe=dual_tower)")
+    if cfg.model.logit_bias != (o.loss == "siglip"):
+        raise ConfigError(f"model.logit_bias={cfg.model.logit_bias} with objectives.loss="
+                          f"{o.loss}: the logit bias is SigLIP's and only its loss trains it; "
+                          "leave model.logit_bias unset (objectives.loss=siglip sets it)")
+    if cfg.train.contrastive_accum > 1 and cfg.recipe != "dual_tower":
+        raise ConfigError(f"train.contrastive_accum={cfg.train.contrastive_accum} runs with "
+                          f"recipe=dual_tower only (recipe={cfg.recipe} has matching and "
+                          "masked-token losses that GradCache does not split); use "
+                          "train.grad_accum there")
     for key in ("mlm_prob", "mrm_prob", "itm_neg_prob"):
         if not 0.0 <= getattr(o, key) <= 1.0:
             raise ConfigError(f"objectives.{key}={getattr(o, key)} must be within [0, 1]")
 
 
+def _validate_inits(cfg: PretrainConfig) -> None:
+    """Where each tower's init_from applies, and what a BERT text tower needs."""
+    m = cfg.model
+    towers = cfg.recipe in ("dual_tower", "combined")
+    for key, value in (("model.vision.init_from", m.vision.init_from),
+                       ("model.text.init_from", m.text.init_from)):
+        if value and not towers:
+            hint = " (the single stream's BERT is model.init_text_from)" if "text" in key else ""
+            raise ConfigError(f"{key}={value!r} starts a tower of recipe=dual_tower or "
+                              f"combined; recipe={cfg.recipe} has none{hint}")
+    if m.init_text_from and cfg.recipe != "single_stream":
+        raise ConfigError(f"model.init_text_from={m.init_text_from!r} is the single stream's "
+                          f"BERT; for recipe={cfg.recipe}'s text tower use "
+                          "model.text.init_from")
+    t = m.text
+    if t.init_from:
+        if t.mask != "bidirectional":
+            raise ConfigError(f"model.text.mask={t.mask} cannot run BERT weights "
+                              f"(model.text.init_from={t.init_from!r}): BERT attends both ways; "
+                              "set model.text.mask=bidirectional")
+        if t.pool == "eos":
+            raise ConfigError(f"model.text.pool=eos with BERT (model.text.init_from="
+                              f"{t.init_from!r}): BERT's sentence token is [CLS]; set "
+                              "model.text.pool=cls (or mean)")
+
+
 def _validate_train(t: TrainConfig) -> None:
     """The train block's ranges (both kinds of run)."""
-    for key in ("steps", "batch_size", "grad_accum", "log_every", "max_bad_steps"):
+    for key in ("steps", "batch_size", "grad_accum", "contrastive_accum", "log_every",
+                "max_bad_steps"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be > 0")
     for key in ("warmup_steps", "save_every", "keep_checkpoints", "threads"):
@@ -549,6 +661,40 @@ def _validate_train(t: TrainConfig) -> None:
             valid = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high < math.inf
                                                          else "")
             raise ConfigError(f"train.{key}={value} is not valid: a finite number {valid}")
+    if not (math.isfinite(t.layer_decay) and 0.0 < t.layer_decay <= 1.0):
+        raise ConfigError(f"train.layer_decay={t.layer_decay} is not valid: a number in (0, 1] "
+                          "(1: no decay; BEiT fine-tunes ViT-B with 0.65)")
+    if not (math.isfinite(t.head_lr_mult) and t.head_lr_mult > 0.0):
+        raise ConfigError(f"train.head_lr_mult={t.head_lr_mult} is not valid: a finite number "
+                          "> 0 (1: the head trains at train.lr)")
+    if t.lock_image_unlocked_layers < 0:
+        raise ConfigError(f"train.lock_image_unlocked_layers={t.lock_image_unlocked_layers} "
+                          "must be >= 0")
+    if t.lock_image_unlocked_layers and not t.lock_image:
+        raise ConfigError(f"train.lock_image_unlocked_layers={t.lock_image_unlocked_layers} "
+                          "keeps blocks of a frozen image tower trainable: set "
+                          "train.lock_image=true too")
+
+
+def _validate_locks(cfg: PretrainConfig) -> None:
+    """train.lock_* / head_lr_mult against the pretraining model's towers (a fine-tuning
+    run's model comes from init_from: vlp/engine/optim.py checks it when it is built)."""
+    tr, v = cfg.train, cfg.model.vision
+    single = cfg.recipe == "single_stream"
+    if tr.lock_text and single:
+        raise ConfigError("train.lock_text=true: recipe=single_stream has no text tower (words "
+                          "enter the one joint Transformer); drop train.lock_text")
+    if tr.lock_image and single and cfg.model.visual_tokens != "roi_align":
+        raise ConfigError(f"train.lock_image=true: recipe=single_stream with "
+                          f"model.visual_tokens={cfg.model.visual_tokens} has no image tower "
+                          "(only model.visual_tokens=roi_align has one); drop train.lock_image")
+    blocks = sum(v.stage_depths) if v.arch == "swin" and not single else v.layers
+    if tr.lock_image and tr.lock_image_unlocked_layers > blocks:
+        raise ConfigError(f"train.lock_image_unlocked_layers={tr.lock_image_unlocked_layers} but "
+                          f"the image tower has {blocks} blocks; choose 0..{blocks}")
+    if tr.head_lr_mult != 1.0:
+        raise ConfigError(f"train.head_lr_mult={tr.head_lr_mult}: pretraining has no task head "
+                          "(the key is for vlp finetune); drop it")
 
 
 def _validate_swin(v: VisionConfig) -> None:
@@ -573,10 +719,18 @@ def _validate_swin(v: VisionConfig) -> None:
     if v.pool != "mean":
         raise ConfigError("model.vision.pool=cls: a Swin tower has no class token; set "
                           "model.vision.pool=mean (its tokens are averaged, as Swin does)")
+    n = len(v.stage_depths)
+    if not -n <= v.roi_stage < n:
+        raise ConfigError(f"model.vision.roi_stage={v.roi_stage} is not a stage of this "
+                          f"{n}-stage Swin: use 0..{n - 1}, or -1 for the last")
 
 
 def _validate_finetune(cfg: FinetuneConfig) -> None:
     _validate_train(cfg.train)
+    if cfg.train.contrastive_accum != 1:
+        raise ConfigError(f"train.contrastive_accum={cfg.train.contrastive_accum}: fine-tuning "
+                          "tasks take one contrastive batch per micro-batch; use "
+                          "train.grad_accum (contrastive_accum is for dual-tower pretraining)")
     positive = {"eval.batch_size": cfg.eval.batch_size,
                 "vqa.num_answers": cfg.vqa.num_answers,
                 "caption.max_length": cfg.caption.max_length,
@@ -588,7 +742,8 @@ def _validate_finetune(cfg: FinetuneConfig) -> None:
         raise ConfigError(f"epochs={cfg.epochs} must be a finite number >= 0")
     for key, value in (("epochs", cfg.epochs), ("data.num_workers", cfg.data.num_workers),
                        ("retrieval.rerank_k", cfg.retrieval.rerank_k),
-                       ("eval.every", cfg.eval.every)):
+                       ("eval.every", cfg.eval.every),
+                       ("model.vision.image_size", cfg.model.vision.image_size)):
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     if not 0.0 <= cfg.caption.label_smoothing < 1.0:

@@ -2,8 +2,10 @@
 vision encoder and the boxes in each sample's json (`objects[*].box`, pixels).
 
 For every sample: the image through the model's eval transform -> the vision tower's patch
-grid (the class token dropped) -> RoIAlign over each box mapped into that geometry (2x2 cells,
-averaged: vlp.models.regions.RoIRegionFeatures) -> features [N, width]. The npz holds those
+grid (a ViT: its patch tokens, the class token dropped; a Swin: stage
+`model.vision.roi_stage`'s map, pooled at 1/stride) -> RoIAlign over each box mapped into that
+geometry (2x2 cells, averaged: vlp.models.regions.RoIRegionFeatures) -> features [N, width],
+the width of that grid. The npz holds those
 features, the kept boxes in pixels of the original image, `labels` (index of the object's
 `label` in --labels, -1 when absent/unknown) and image_w / image_h: the format
 vlp/data/regions.py reads. Output shards keep every member of the input and add the npz, with
@@ -54,23 +56,40 @@ class RegionExtractor:
         self.pretrained = vlp.load(model_dir, device=device)
         self.visual = self.pretrained.model.visual.eval()
         self.transform = self.pretrained.transform
-        self.grid = self.visual.embed.grid_size
+        v = self.visual.cfg
+        # the stage a Swin tower pools (-1: the last); a ViT has one grid
+        self.stage = v.roi_stage % len(v.stage_depths) if v.arch == "swin" else None
         self.pool = RoIRegionFeatures()
         self.labels = {name: i for i, name in enumerate(label_names or [])}
 
     @property
     def dim(self) -> int:
+        if self.stage is not None:
+            return self.visual.swin.widths[self.stage]
         return self.visual.cfg.width
+
+    def _grid(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(B, C, H, W) float32 CPU feature map to pool, and the pooling's geometry."""
+        with eval_autocast(self.pretrained.device):
+            if self.stage is not None:
+                stages = self.visual.forward_stages(pixels)
+                fmap = stages.feature_map(self.stage)
+                geometry = {"stride": stages.strides[self.stage],
+                            "image_size": tuple(pixels.shape[-2:])}
+            else:
+                tokens = self.visual.forward_features(pixels)[:, 1:]  # drop the class token
+                g = self.visual.embed.grid_size
+                fmap = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], g, g)
+                geometry = {}
+        return fmap.float().cpu(), geometry
 
     @torch.no_grad()
     def features(self, images, boxes_px: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         """PIL images and their boxes [N, 4] (pixels) -> per image (features [M, width] float32,
         keep [N] bool: the boxes with area left inside the model's centre crop)."""
         pixels = torch.stack([self.transform(im) for im in images]).to(self.pretrained.device)
-        with eval_autocast(self.pretrained.device):
-            tokens = self.visual.forward_features(pixels)[:, 1:]  # drop the class token
-        b, n, c = tokens.shape
-        grid = tokens.transpose(1, 2).reshape(b, c, self.grid, self.grid).float().cpu()
+        grid, geometry = self._grid(pixels)
+        b = grid.shape[0]
         mapped = [self.transform.map_boxes(bx, im.size) for im, bx in zip(images, boxes_px)]
         r = max(1, max(len(m[0]) for m in mapped))
         boxes = torch.zeros(b, r, 4)
@@ -78,7 +97,7 @@ class RegionExtractor:
         for i, (norm, _) in enumerate(mapped):
             boxes[i, :len(norm)] = torch.as_tensor(norm)
             mask[i, :len(norm)] = True
-        pooled = self.pool(grid, boxes, mask)
+        pooled = self.pool(grid, boxes, mask, **geometry)
         return [(pooled[i, :len(norm)].numpy().astype(np.float32), keep)
                 for i, (norm, keep) in enumerate(mapped)]
 

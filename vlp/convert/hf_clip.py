@@ -234,7 +234,9 @@ def hf_config_from_model(cfg: ModelConfig, tokenizer: Tokenizer, logit_scale: fl
     """The CLIPModel config.json of a vlp dual tower; refuses what CLIP cannot express, naming
     the config key (`source`: the model directory, for the message)."""
     v, t = cfg.vision, cfg.text
-    refusals = [("model.vision.pool", v.pool, "cls", "CLIP pools the class token"),
+    refusals = [("model.vision.arch", v.arch, "vit",
+                 "CLIPModel's vision tower is a ViT; it has no Swin tower"),
+                ("model.vision.pool", v.pool, "cls", "CLIP pools the class token"),
                 ("model.vision.pre_norm", v.pre_norm, True,
                  "CLIP's vision tower always applies a LayerNorm (pre_layrnorm) to the "
                  "embeddings, so a model trained without one cannot be written as CLIP"),

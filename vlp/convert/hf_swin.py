@@ -3,11 +3,12 @@
 `vlp convert hf-swin SRC OUT` reads a `SwinModel` or `SwinForImageClassification` folder as
 `save_pretrained` writes it (config.json with model_type "swin"; model.safetensors, its sharded
 index or pytorch_model.bin; optional preprocessor_config.json) and writes OUT as a vision-tower
-directory (`vlp.models.towers.save_vision_tower`): config.json {"architecture":
-"vision_tower", "vision": the VisionConfig, "transform": the image settings, "source"} and
-model.safetensors with the tower's weights except its projection. `init_vision_tower(tower, OUT)`
-loads it into a `VisionTower` of the same architecture (a dual tower's image side, say); the
-classifier head of SwinForImageClassification is dropped. transformers is not imported.
+directory (`vlp.models.towers.save_vision_tower`, written through vlp/modeldir.py): config.json
+{"architecture": "vision_tower", "vision": the VisionConfig, "transform": the image settings,
+"source"} and model.safetensors with the tower's weights except its projection.
+`init_vision_tower(tower, OUT)` loads it into a `VisionTower` of the same architecture (a dual
+tower's image side, say; `model.vision.init_from=OUT`); the classifier head of
+SwinForImageClassification is dropped. transformers is not imported.
 
 The architectures line up as (HF -> ours, HF's prefix `swin.` optional; s = stage, j = block):
     embeddings.patch_embeddings.projection   -> swin.embed.proj
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 
 from vlp.config import VisionConfig
-from vlp.convert.hf_clip import read_state_dict
+from vlp import modeldir
 from vlp.data.transforms import ImageTransform
 from vlp.models.swin import relative_position_index
 from vlp.models.towers import VisionTower, save_vision_tower
@@ -214,8 +215,9 @@ def from_hf_swin(src: str | Path, out: str | Path) -> Path:
     src = Path(src)
     vision = vision_config_from_hf(read_swin_config(src))
     tower = VisionTower(vision, embed_dim=1)  # the projection is not saved
-    missing, unexpected = tower.load_state_dict(
-        tower_state_from_hf(read_state_dict(src), vision, str(src)), strict=False)
+    state = modeldir.read_checkpoint(src, "Hugging Face Swin folder")  # runs nothing from a pickle
+    missing, unexpected = tower.load_state_dict(tower_state_from_hf(state, vision, str(src)),
+                                                strict=False)
     assert missing == ["proj.weight"] and not unexpected, (missing, unexpected)
     transform = transform_from_hf(src, vision.image_size)
     return save_vision_tower(tower, out, transform.to_dict(),

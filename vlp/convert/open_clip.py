@@ -11,15 +11,18 @@ vlp.convert.hf_clip (one checked loader for both):
     token_embedding, positional_embedding, ln_final -> text_model.embeddings..., final_layer_norm
     resblocks.i: attn.in_proj_{weight,bias} (rows q|k|v) -> self_attn.{q,k,v}_proj,
                  attn.out_proj, ln_1, ln_2 -> layer_norm1/2, mlp.c_fc / c_proj -> mlp.fc1 / fc2
+    logit_bias (SigLIP-style training, `init_logit_bias` in the config) -> the dual tower's
+                 logit_bias (model.logit_bias=true: vlp trains it with objectives.loss=siglip)
 Config options that change the function (layer scale, attentional pooling, no ln_pre, mean
-pooling, a bidirectional text mask, a text projection bias, SigLIP's logit bias, ...) are
-refused by name. `.pt` pickles are read only with torch.load(weights_only=True).
+pooling, a bidirectional text mask, a text projection bias, ...) are refused by name. `.pt`
+pickles are read only with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
 import gzip
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from vlp.convert.hf_clip import dual_tower_from_hf_state
 from vlp.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from vlp.models.bert_init import mlp_ratio_for
 from vlp.models.pretrained import Pretrained
+from vlp.models.towers import DualTower
 from vlp.tokenizer import Tokenizer, clip_bpe, load_tokenizer
 
 _ANY = object()  # a key whose value does not change the inference function
@@ -37,7 +41,7 @@ _ANY = object()  # a key whose value does not change the inference function
 # express (a tuple: any of them), or _ANY; every other key is refused
 _TOP = {"embed_dim": _ANY, "vision_cfg": _ANY, "text_cfg": _ANY, "quick_gelu": _ANY,
         "cast_dtype": _ANY, "custom_text": _ANY, "init_logit_scale": _ANY,
-        "init_logit_bias": (None,)}
+        "init_logit_bias": _ANY}
 _VISION = {"layers": _ANY, "width": _ANY, "head_width": _ANY, "mlp_ratio": _ANY,
            "patch_size": _ANY, "image_size": _ANY, "patch_dropout": _ANY,
            "output_tokens": _ANY, "norm_kwargs": _ANY, "final_ln_after_pool": _ANY,
@@ -113,8 +117,12 @@ def read_open_clip_config(path: str | Path) -> tuple[ModelConfig, dict]:
                       act=act, norm_eps=_eps(t), context_length=t["context_length"],
                       mask="causal", pool="eos", vocab_size=t["vocab_size"])
     scale = float(cfg.get("init_logit_scale", ModelConfig.init_logit_scale))
+    bias = cfg.get("init_logit_bias")  # SigLIP-style: OpenCLIP adds a logit_bias parameter
+    if bias is not None and not isinstance(bias, (int, float)):
+        raise ValueError(f"{source}: init_logit_bias={bias!r} must be a number or null")
+    extra = {} if bias is None else {"logit_bias": True, "init_logit_bias": float(bias)}
     return ModelConfig(embed_dim=cfg["embed_dim"], vision=vision, text=text,
-                       init_logit_scale=scale), preprocess
+                       init_logit_scale=scale, **extra), preprocess
 
 
 def hf_names(sd: dict[str, torch.Tensor], layers: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -215,6 +223,26 @@ def tokenizer_from_bpe_gz(path: str | Path) -> Tokenizer:
     return Tokenizer(clip_bpe(model), pad_token=chars[0])  # "!" = id 0, not special
 
 
+def _with_logit_bias(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str,
+                     config: str) -> DualTower:
+    """The dual tower of HF-named weights `sd`, with SigLIP's `logit_bias` when the checkpoint
+    has one (the CLIP loader, vlp.convert.hf_clip, knows the towers and the scale only)."""
+    bias = sd.pop("logit_bias", None)
+    if bias is None:
+        if cfg.logit_bias:
+            raise ValueError(f"{config}: init_logit_bias={cfg.init_logit_bias} but {source} "
+                             "has no 'logit_bias' tensor; is it the checkpoint of this config?")
+        return dual_tower_from_hf_state(sd, cfg, source)
+    if bias.numel() != 1:
+        raise ValueError(f"{source}: logit_bias has shape {tuple(bias.shape)}; expected a scalar")
+    towers = dual_tower_from_hf_state(sd, replace(cfg, logit_bias=False), source)
+    # the weights decide: a checkpoint trained with a bias keeps it even if its config
+    # leaves init_logit_bias out
+    model = DualTower(replace(cfg, logit_bias=True))
+    model.load_state_dict({**towers.state_dict(), "logit_bias": bias.reshape(1).float()})
+    return model
+
+
 def from_open_clip(state: str | Path, out: str | Path, config: str | Path,
                    tokenizer: str | Path) -> Path:
     """Convert an OpenCLIP checkpoint into the vlp model directory `out`. `tokenizer`: a
@@ -230,7 +258,7 @@ def from_open_clip(state: str | Path, out: str | Path, config: str | Path,
                       "pooling may pick another token than vlp's first end-of-text",
                       stacklevel=2)
     sd = hf_names(read_open_clip_state(state), (cfg.vision.layers, cfg.text.layers))
-    model = dual_tower_from_hf_state(sd, cfg, str(state))
+    model = _with_logit_bias(sd, cfg, str(state), str(config))
     transform = ImageTransform(cfg.vision.image_size, preprocess.get("mean", CLIP_MEAN),
                                preprocess.get("std", CLIP_STD),
                                interpolation=preprocess.get("interpolation", "bicubic"))

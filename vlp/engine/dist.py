@@ -16,6 +16,7 @@ import os
 import random
 import re
 import socket
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -37,6 +38,9 @@ MPI_FAMILIES = (
      "MV2_COMM_WORLD_LOCAL_SIZE"),
     ("MPICH/Intel MPI (PMI)", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
 )
+# Every variable a launcher family above (or Slurm) exports: a process that must be a world of
+# its own (a test run inside an `srun` step, a child of a launched rank) drops them all.
+LAUNCHER_PREFIXES = ("OMPI_", "MV2_", "PMI_", "MPI_LOCAL", "SLURM_")
 DEFAULT_PORT = 29500  # torch's and DeepSpeed's default rendezvous port
 _FIX = ("launch with deepspeed or torchrun, or export RANK, WORLD_SIZE, LOCAL_RANK, "
         "MASTER_ADDR and MASTER_PORT yourself")
@@ -57,6 +61,12 @@ class World:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def without_launcher_vars(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less every launcher's variables (LAUNCH_VARS and LAUNCHER_PREFIXES)."""
+    return {k: v for k, v in env.items()
+            if k not in LAUNCH_VARS and not k.startswith(LAUNCHER_PREFIXES)}
 
 
 def _free_port() -> int:
@@ -219,9 +229,8 @@ def launch_env(env: Mapping[str, str]) -> dict[str, str]:
             raise LaunchError(f"started by {found.source} across machines, and MASTER_ADDR is "
                               "not set: export MASTER_ADDR=<host of rank 0> (and MASTER_PORT) "
                               f"to every process (mpirun -x MASTER_ADDR=...), or {_FIX}")
-    if not port:
-        port = found.port if found and found.port else \
-            (_free_port() if w.size == 1 else DEFAULT_PORT)
+    if not port:  # a one-process world meets nobody: a free port, never a job-wide fixed one
+        port = _free_port() if w.size == 1 else (found.port or DEFAULT_PORT)
     return {"RANK": str(w.rank), "WORLD_SIZE": str(w.size), "LOCAL_RANK": str(w.local_rank),
             "LOCAL_WORLD_SIZE": str(w.local_size), "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
 
@@ -245,9 +254,16 @@ def cuda_device(local_rank: int, local_size: int, device_count: int) -> int:
 def init() -> World:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPUs), once per
     process, and pin this process to its GPU when there is one."""
-    launched = _discover(os.environ) is not None
+    found = _discover(os.environ)
+    translated = found is not None and "WORLD_SIZE" not in os.environ
     os.environ.update(launch_env(os.environ))
-    world = dataclasses.replace(world_from_env(), launched=launched)
+    world = dataclasses.replace(world_from_env(), launched=found is not None)
+    if translated and world.size > 1:
+        # The world came from MPI or Slurm variables, perhaps inherited unexpectedly (a shell
+        # inside a job): say so, since the rendezvous waits for every rank.
+        print(f"vlp: rank {world.rank} of {world.size} from {found.source}; waiting for all "
+              f"{world.size} processes at {os.environ['MASTER_ADDR']}:"
+              f"{os.environ['MASTER_PORT']}", file=sys.stderr, flush=True)
     if torch.cuda.is_available():
         torch.cuda.set_device(cuda_device(world.local_rank, world.local_size,
                                           torch.cuda.device_count()))

@@ -1,6 +1,7 @@
 """The training engine: DeepSpeed, for one process or many.
 
-vlp builds the optimizer (AdamW, no decay on gains/biases/positions) and the warmup+cosine
+vlp builds the optimizer (AdamW over the parameter groups of vlp.engine.optim: frozen towers
+left out, layer-wise learning rates, no decay on gains/biases/positions) and the warmup+cosine
 schedule from `train.*` and hands them to `deepspeed.initialize` with the config from
 `vlp.engine.deepspeed_config`; DeepSpeed does ZeRO partitioning, gradient reduction,
 accumulation, clipping, mixed precision and its own checkpoint files. `Engine` adds what a run
@@ -19,23 +20,8 @@ from torch import nn
 from vlp.config import TrainConfig
 from vlp.engine import deepspeed_config, safe_load
 from vlp.engine.dist import World
+from vlp.engine.optim import build_param_groups, param_groups  # noqa: F401 (tests import it)
 from vlp.engine.schedule import warmup_cosine
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings' positions, class tokens and the logit
-    scale (CLIP/OpenCLIP's exclusion rule: every parameter with fewer than 2 dims, plus
-    position/token tables that are not matmul weights)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "pos_embed" in name or "cls_token" in name or "logit_scale" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 def rng_state() -> dict:
@@ -70,7 +56,8 @@ def _as_tuple(x):
 
 
 class Engine:
-    """A DeepSpeed engine for `model` configured from `train` (see module docstring)."""
+    """A DeepSpeed engine for `model` configured from `train` (see module docstring). The
+    parameters `train.lock_*` freeze get requires_grad=False on `model` itself."""
 
     def __init__(self, model: nn.Module, train: TrainConfig, world: World):
         import deepspeed
@@ -84,11 +71,20 @@ class Engine:
             torch.backends.cudnn.allow_tf32 = True
         if train.grad_checkpointing:
             model.set_grad_checkpointing(True)
+        # frozen towers leave the optimizer here (requires_grad=False); each group has its lr
+        groups = build_param_groups(model, train)
+        self.trainable_params = sum(p.numel() for g in groups for p in g["params"])
+        # The frozen weights as they came, for the model directory: DeepSpeed may move, cast
+        # (fp16 / native bf16) or partition (ZeRO-3) the module's copies, and ZeRO-1
+        # checkpoints leave frozen weights out. References, not copies (rank 0 only): they
+        # cost memory only where DeepSpeed replaces the module's tensors.
+        self._frozen = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)
+                        if not p.requires_grad} if world.is_main else {}
         # fused: one kernel over all parameters (the optimizer step timed in bench/README.md).
-        optimizer = torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                                      betas=(train.beta1, train.beta2), eps=train.eps, fused=True)
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2),
+                                      eps=train.eps, fused=True)
 
-        def lr_factor(step: int) -> float:  # LambdaLR multiplies the base lr (train.lr)
+        def lr_factor(step: int) -> float:  # LambdaLR multiplies each group's lr
             lr = warmup_cosine(step, base_lr=train.lr, min_lr=train.min_lr,
                                warmup_steps=train.warmup_steps, total_steps=train.steps)
             return lr / train.lr if train.lr else 0.0
@@ -122,7 +118,13 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return float(self.ds.get_lr()[0])
+        """The schedule's lr this step (train.lr's), whatever the groups' multipliers."""
+        group = self.ds.optimizer.param_groups[0]
+        return float(group["lr"]) / group.get("lr_scale", 1.0)
+
+    def param_group_lrs(self) -> list[tuple[float, list[str]]]:
+        """(lr now, parameter names) of every optimizer group."""
+        return [(float(g["lr"]), list(g["names"])) for g in self.ds.optimizer.param_groups]
 
     @property
     def overflow_steps(self) -> int:
@@ -163,6 +165,7 @@ class Engine:
                                                                  tag=folder.name)
         else:
             state = self._module_state_fp32()
+        state = {**state, **self._frozen}
         return {k: v.detach().float().cpu().clone() for k, v in state.items()}
 
     def _module_state_fp32(self) -> dict[str, torch.Tensor]:
@@ -196,10 +199,11 @@ class Engine:
 
             with deepspeed.zero.GatheredParameters(list(self.module.parameters()),
                                                    modifier_rank=None):
+                state = dict(self.module.state_dict())
                 return {k: v.detach().float().cpu().clone()
-                        for k, v in self.module.state_dict().items()}
+                        for k, v in {**state, **self._frozen}.items()}
         return {k: v.detach().float().cpu().clone()
-                for k, v in self._module_state_fp32().items()}
+                for k, v in {**self._module_state_fp32(), **self._frozen}.items()}
 
     def release(self) -> None:
         """Free the engine (optimizer states, gradient buffers, its copy of the model), e.g.

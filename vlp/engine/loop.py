@@ -11,8 +11,11 @@ rank's epoch is over all start the next (uneven shards must not leave a rank wai
 collective) and cross-rank losses see equal batch sizes; then [loss, samples, stop request,
 batch digest, the task's metrics], so that they agree without further communication on
 skipping a step whose loss is NaN/inf on any rank and on stopping at the same step on
-SIGTERM/Ctrl-C. A checkpoint holds DeepSpeed's files, each rank's RNG state and data position,
-and the trainer state, published by an atomic rename (vlp/engine/checkpoint.py).
+SIGTERM/Ctrl-C. With `train.contrastive_accum=K` the loss is that of K micro-batches at once
+(GradCache, vlp/engine/gradcache.py): the second row is exchanged once per K, and the K
+micro-batches go through the engine as K micro-steps. A checkpoint holds DeepSpeed's files,
+each rank's RNG state and data position, and the trainer state, published by an atomic rename
+(vlp/engine/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +40,7 @@ from tqdm import tqdm
 from vlp.config import ConfigError, read_yaml, resume_changes, to_dict
 from vlp.data.pipeline import accumulate, format_skips, skipped_samples
 from vlp.data.sources import DataSource
-from vlp.engine import checkpoint, dist, safe_load
+from vlp.engine import checkpoint, dist, gradcache, safe_load
 from vlp.engine.engine import Engine, rng_state, set_rng_state
 from vlp.engine.logs import JsonlLog, TensorBoardLog, truncate_log
 from vlp.engine.task import Task
@@ -224,10 +228,15 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     if best_metric and task.eval_metrics and best_metric not in task.eval_metrics:
         raise ConfigError(f"eval.best_metric={best_metric!r} is not a metric of {task.name}'s "
                           f"evaluation; choose one of {list(task.eval_metrics)}")
+    accum = t.contrastive_accum  # micro-batches per contrastive batch (GradCache)
+    if accum > 1 and not gradcache.supports(task):
+        raise ConfigError(f"train.contrastive_accum={accum}: {task.name} has no contrastive "
+                          "loss to split (recipe=dual_tower has); use train.grad_accum")
     seed_everything(t.seed)  # the same initial weights (and fresh heads) on every rank
     model = task.build_model()
     n_params = sum(p.numel() for p in model.parameters())
-    engine = Engine(model, t, world)
+    # DeepSpeed counts micro-steps: K per contrastive batch, grad_accum contrastive batches
+    engine = Engine(model, replace(t, grad_accum=t.grad_accum * accum), world)
     # from here on each rank draws its own masks, pairs and dropout (the weights above are
     # the same everywhere); a resume restores the saved states over these
     dist.seed_for_rank(t.seed, world.rank)
@@ -253,7 +262,9 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     say(f"vlp {command}: {task.describe()}, {n_params / 1e6:.2f}M params, {world.size} process"
         f"{plural} x {threads} thread{'s' * (threads > 1)}, ZeRO-{engine.zero_stage}"
         f"{', ' + data if data else ''}, batch {t.batch_size} x {world.size} process{plural} x "
-        f"{t.grad_accum} accumulation, {t.steps} steps, {t.precision}, out={out_dir}")
+        f"{t.grad_accum} accumulation"
+        f"{f' x {accum} contrastive accumulation (GradCache)' if accum > 1 else ''}, "
+        f"{t.steps} steps, {t.precision}, out={out_dir}")
 
     def save(step: int) -> None:
         """All ranks: DeepSpeed's files, each rank's RNG state; rank 0: the trainer state with
@@ -325,6 +336,7 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     step_losses: list[float] = []
     step_samples, step_digest = 0, hashlib.sha1()
     step_metrics: list[list[float]] = [[] for _ in task.metric_names]
+    group: list = []  # contrastive_accum: the micro-batches of one contrastive batch so far
     with StopRequests(watch_parent=world.launched) as stop:
         while engine.global_step < t.steps:
             batch = source.next()
@@ -335,9 +347,20 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
             smallest = int(sizes[:, 1].min())
             if smallest < len(batch):  # unreadable samples left this rank's batch larger
                 batch = batch.first(smallest)
-            loss, values = task.loss(engine, batch)
-            rows = dist.all_gather_rows([loss.item(), len(batch), stop.requested,
-                                         batch_digest(batch.keys), *values], world)
+            cached = None
+            if accum > 1:
+                group.append(batch)
+                if len(group) < accum:
+                    continue  # the contrastive batch needs more micro-batches
+                cached = gradcache.CachedStep(task, engine, group)  # no graphs but the loss's
+                loss, values = cached.loss, cached.values
+                samples, keys = sum(len(b) for b in group), [k for b in group for k in b.keys]
+                group = []
+            else:
+                loss, values = task.loss(engine, batch)
+                samples, keys = len(batch), batch.keys
+            rows = dist.all_gather_rows([loss.item(), samples, stop.requested, batch_digest(keys),
+                                         *values], world)
             if not bool(torch.isfinite(rows[:, 0]).all()):
                 consecutive_bad += 1
                 bad_steps_total += 1
@@ -352,14 +375,18 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
                         f"the data. The last good checkpoint is in {ckpt_root}.")
                 continue  # no backward: the batch is dropped, the step takes the next one
             consecutive_bad = 0
-            engine.backward(loss)
+            if cached is not None:
+                boundary = cached.backward()  # K micro-steps
+            else:
+                engine.backward(loss)
+                boundary = engine.step()
             step_losses.append(float(rows[:, 0].mean()))
             step_samples += int(rows[:, 1].sum())
             step_digest.update(rows[:, 3].numpy().tobytes())
             for i, column in enumerate(step_metrics):  # averaged over processes
                 column.append(float(rows[:, 4 + i].nanmean()))
             stop_now = bool(rows[:, 2].any())
-            if not engine.step():
+            if not boundary:
                 continue  # more micro-batches to accumulate
             samples_seen += step_samples
             step = engine.global_step

@@ -1,8 +1,10 @@
 """Initialise vlp's text embeddings and Transformer layers from a local Hugging Face BERT folder.
 
-Where it sits: `model.init_text_from=DIR` (the single-stream VL-BERT model) builds a `BertEmbed`
-and a post-LN `Transformer(norm_first=False)` of BERT's sizes and copies BERT's weights into
-them; the MLM head's weights come back to the caller, which owns that head. Nothing here reaches
+Where it sits: `model.init_text_from=DIR` (the single-stream VL-BERT model) and
+`model.text.init_from=DIR` (a dual tower's or combined model's text tower, vlp/models/towers.py)
+both build a `BertEmbed` and a post-LN `Transformer(norm_first=False)` of BERT's sizes
+(`bert_shape`) and copy BERT's weights into them with `load_bert_weights`, the one loader; the
+MLM head's weights come back to the caller, which owns that head. Nothing here reaches
 the network: DIR holds config.json and model.safetensors (or model.safetensors.index.json and its
 shards, or pytorch_model.bin), as `save_pretrained` writes them.
 
@@ -18,7 +20,6 @@ token_embed / pos_embed / type_embed / ln.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 
 from vlp.config import ConfigError
 from vlp.data.jsonfiles import read_config_json, typed_fields
+from vlp.modeldir import read_checkpoint
 from vlp.models.embed import BertEmbed
 from vlp.models.encoder import Transformer
 
@@ -42,6 +44,9 @@ _DEFAULTS = {"hidden_act": "gelu", "layer_norm_eps": 1e-12, "max_position_embedd
              "type_vocab_size": 2, "pad_token_id": 0}
 
 _MLM_PREFIX = "cls.predictions."
+# tables whose first rows are enough for a smaller embedding (positions < context_length,
+# token type 0 only)
+_LEADING_ROWS = ("embed.pos_embed.weight", "embed.type_embed.weight")
 
 
 def read_bert_config(folder: str | Path) -> dict:
@@ -90,6 +95,15 @@ def mlp_ratio_for(hidden_size: int, intermediate_size: int) -> float:
     return r
 
 
+def bert_shape(cfg: dict) -> dict:
+    """read_bert_config's dict -> the encoder keys of vlp's configs (EncoderConfig's width,
+    layers, heads, mlp_ratio, act, norm_eps) of the same Transformer, post-LN."""
+    return {"width": cfg["hidden_size"], "layers": cfg["num_hidden_layers"],
+            "heads": cfg["num_attention_heads"],
+            "mlp_ratio": mlp_ratio_for(cfg["hidden_size"], cfg["intermediate_size"]),
+            "act": cfg["act"], "norm_eps": cfg["layer_norm_eps"], "norm_first": False}
+
+
 def bert_modules(cfg: dict) -> tuple[BertEmbed, Transformer]:
     """Randomly initialised BertEmbed + post-LN Transformer of the sizes in `cfg`
     (read_bert_config's dict)."""
@@ -103,28 +117,11 @@ def bert_modules(cfg: dict) -> tuple[BertEmbed, Transformer]:
 
 
 def read_bert_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint in `folder` (CPU), LayerNorm gamma/beta renamed to
-    weight/bias (the original Google-converted checkpoints, e.g. bert-base-uncased's, use them;
-    transformers renames them the same way when it loads)."""
-    folder = Path(folder)
-    single, index, bin_ = (folder / "model.safetensors", folder / "model.safetensors.index.json",
-                           folder / "pytorch_model.bin")
-    if single.is_file() or index.is_file():
-        from safetensors.torch import load_file
-
-        if single.is_file():
-            sd = load_file(single)
-        else:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            sd = {}
-            for shard in shards:
-                sd.update(load_file(folder / shard))
-    elif bin_.is_file():
-        sd = torch.load(bin_, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"BERT folder {str(folder)!r} has no weights: expected "
-                                "model.safetensors, model.safetensors.index.json or "
-                                "pytorch_model.bin")
+    """All tensors of the checkpoint in `folder` (CPU; read by modeldir.read_checkpoint, which
+    runs nothing from a pickle), LayerNorm gamma/beta renamed to weight/bias (the original
+    Google-converted checkpoints, e.g. bert-base-uncased's, use them; transformers renames them
+    the same way when it loads)."""
+    sd = read_checkpoint(folder, "BERT folder")
     out = {}
     for k, v in sd.items():
         if k.endswith("LayerNorm.gamma"):
@@ -208,6 +205,11 @@ def load_bert_weights(embed: BertEmbed, transformer: Transformer,
             raise ConfigError(f"BERT folder {str(folder)!r}: checkpoint has no {absent[0]!r} "
                              f"(needed for our {our_key})")
         theirs = torch.cat([sd[k] for k in hf_keys]) if len(hf_keys) > 1 else sd[hf_keys[0]]
+        if our_key in _LEADING_ROWS and ours[our_key].shape[0] < theirs.shape[0] \
+                and ours[our_key].shape[1:] == theirs.shape[1:]:
+            # a shorter position table (a text tower's context_length) or fewer token types
+            # (one segment) than BERT's: the rows it has are BERT's first ones
+            theirs = theirs[: ours[our_key].shape[0]]
         if ours[our_key].shape != theirs.shape:
             raise ConfigError(f"BERT folder {str(folder)!r}: shape mismatch at {our_key} <- "
                              f"{' + '.join(hf_keys)}: ours {tuple(ours[our_key].shape)} vs "

@@ -2,8 +2,8 @@
 contrastive learning, and fusion layers on top of its two encoders for matching and masked
 language modelling:
 
-    image -> vision tower ─┬─ pooled -> ITC
-                           └─ tokens ─┐
+    image -> vision tower ─┬─ pooled -> ITC    (ViT: class token or mean; Swin: the mean)
+                           └─ tokens ─┐      (ViT: class + patches; Swin: final-stage grid)
     text  -> text tower  ──┬─ pooled -> ITC
                            └─ tokens ─┴─ [text tokens | image tokens] -> fusion Transformer
                                           -> [CLS]: ITM    text positions: MLM
@@ -31,13 +31,15 @@ from vlp.models.towers import DualTower
 class Combined(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        f, t, v = cfg.fusion, cfg.text, cfg.vision
+        f, t = cfg.fusion, cfg.text
         self.cfg = cfg
         self.towers = DualTower(cfg, vocab_size)
         # towers of other widths than the fusion's are projected into it (METER, Dou et al.
-        # 2022); equal widths fuse as they are (no parameters: older checkpoints still load)
+        # 2022); equal widths fuse as they are (no parameters: older checkpoints still load).
+        # The image tokens' width is the tower's output: a Swin's last stage, not vision.width
+        v_width = self.towers.visual.width
         self.text_proj = nn.Linear(t.width, f.width) if t.width != f.width else nn.Identity()
-        self.image_proj = nn.Linear(v.width, f.width) if v.width != f.width else nn.Identity()
+        self.image_proj = nn.Linear(v_width, f.width) if v_width != f.width else nn.Identity()
         self.segment = nn.Embedding(2, f.width)
         nn.init.normal_(self.segment.weight, std=0.02)
         self.fusion = Transformer(f.width, f.layers, f.heads, f.mlp_ratio, f.act, f.norm_eps,
@@ -53,9 +55,10 @@ class Combined(nn.Module):
              image_tokens: torch.Tensor, *, blank_visual: bool = False,
              causal_text: bool = False) -> torch.Tensor:
         """[text tokens | image tokens] (each tower's width) projected into the fusion width,
-        through the fusion layers -> (B, L, W) states of the text positions. `blank_visual`: the image tokens masked out (the same weights as a
-        text-only model); `causal_text`: words see earlier words and the whole image (the
-        prefix-LM mask a caption decoder needs)."""
+        through the fusion layers -> (B, L, W) states of the text positions. `blank_visual`:
+        the image tokens masked out (the same weights as a text-only model); `causal_text`:
+        words see earlier words and the whole image (the prefix-LM mask a caption decoder
+        needs)."""
         n_text = text_tokens.shape[1]
         x = torch.cat([self.text_proj(text_tokens) + self.segment.weight[0],
                        self.image_proj(image_tokens) + self.segment.weight[1]], dim=1)

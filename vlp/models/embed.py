@@ -1,6 +1,8 @@
 """Visual and word tokenizers in front of the unified Transformer.
 
 PatchEmbed: image -> (class token +) patch tokens with learned or fixed 2-D sin-cos positions.
+            `resample_pos_embed` / `resize_image_state` carry learned positions to another image
+            size (fine-tuning at a higher resolution, as BLIP, METER and LAVIS do).
 TextEmbed:  token ids -> token + learned position embeddings.
 BertEmbed:  BERT's embeddings: (token ids, or embeddings the caller built, e.g. visual tokens)
             + position + token type, then LayerNorm.
@@ -8,7 +10,10 @@ BertEmbed:  BERT's embeddings: (token ids, or embeddings the caller built, e.g. 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from vlp.config import ConfigError, VisionConfig
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -68,6 +73,67 @@ class PatchEmbed(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         return x + self.pos_embed
+
+
+# Where PatchEmbeds sit in the state dicts vlp writes: a ViT tower's (`visual.embed`, under
+# `towers.` / `core.towers.` in combined and fine-tuned models) and the single stream's
+# (`patch_embed`, ViLT patches and the RoIAlign encoder). Only learned tables are in a state
+# dict: sin-cos positions are a non-persistent buffer, recomputed when a model is built.
+PATCH_POSITION_KEYS = ("visual.embed.pos_embed", "patch_embed.pos_embed")
+
+
+def resample_pos_embed(pos: torch.Tensor, new_grid: int, num_prefix: int) -> torch.Tensor:
+    """Learned positions (1, num_prefix + g*g, W) of a g x g patch grid -> (1, num_prefix +
+    new_grid**2, W): the leading (class token) positions kept as they are, the grid resampled
+    as a 2-D image by bicubic interpolation (F.interpolate, align_corners=False: timm's
+    `resample_abs_pos_embed`, BLIP's `interpolate_pos_embed`). The same grid returns `pos`
+    itself, bit for bit. Computed in float32 (bicubic in 16 bits rounds every tap), returned in
+    `pos`'s dtype."""
+    n_grid = pos.shape[1] - num_prefix
+    old_grid = int(round(n_grid ** 0.5))
+    if pos.ndim != 3 or pos.shape[0] != 1 or old_grid * old_grid != n_grid:
+        raise ValueError(f"positions of shape {tuple(pos.shape)} with {num_prefix} leading "
+                         "token(s) are not (1, prefix + g*g, width) of a square patch grid")
+    if new_grid == old_grid:
+        return pos
+    prefix, grid = pos[:, :num_prefix], pos[:, num_prefix:]
+    W = pos.shape[2]
+    grid = grid.reshape(1, old_grid, old_grid, W).permute(0, 3, 1, 2)  # (1, W, g, g), row-major
+    grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic",
+                         align_corners=False)  # (1, W, new, new)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, W).to(pos.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def resize_image_state(state: dict[str, torch.Tensor], vision: VisionConfig,
+                       image_size: int) -> dict[str, torch.Tensor]:
+    """A state dict of a model whose vision config is `vision` -> the same weights for a model
+    built at `image_size` (every other setting equal): each PatchEmbed's learned positions
+    (`PATCH_POSITION_KEYS`) resampled by `resample_pos_embed`, everything else the same
+    tensors. Sin-cos positions need nothing (recomputed when the model is built) and neither
+    does a Swin tower (relative positions only; any image size runs, padded to the windows).
+    The same size returns `state` unchanged. The class token is recognised by the table's
+    length (g*g + 1)."""
+    if image_size <= 0:
+        raise ConfigError(f"model.vision.image_size={image_size} must be > 0")
+    if vision.arch == "swin" or image_size == vision.image_size:
+        return state
+    if image_size % vision.patch_size:
+        raise ConfigError(f"model.vision.image_size={image_size} must be a multiple of the "
+                          f"model's patch size {vision.patch_size} (e.g. "
+                          f"{max(1, round(image_size / vision.patch_size)) * vision.patch_size})")
+    old_grid, new_grid = vision.image_size // vision.patch_size, image_size // vision.patch_size
+    out = dict(state)
+    for key, pos in state.items():
+        if not any(key == k or key.endswith("." + k) for k in PATCH_POSITION_KEYS):
+            continue
+        prefix = pos.shape[1] - old_grid * old_grid if pos.ndim == 3 else -1
+        if prefix not in (0, 1):
+            raise ValueError(f"{key} has shape {tuple(pos.shape)}, not the positions of a "
+                             f"{old_grid}x{old_grid} grid (image_size={vision.image_size}, "
+                             f"patch_size={vision.patch_size}), with or without a class token")
+        out[key] = resample_pos_embed(pos, new_grid, prefix)
+    return out
 
 
 class TextEmbed(nn.Module):

@@ -9,6 +9,12 @@ boolean with True = "may attend" (SDPA's convention) or a float tensor added to 
 scores (an additive bias: Swin's relative position bias plus its shifted-window mask), shaped to
 broadcast to (..., heads, L, L). A block can also attend within groups of tokens instead of over
 the whole sequence (`TokenGroups`: Swin's windows), so Swin is built from this same block.
+
+Decoding one token at a time, a `KVCache` holds the keys and values of the tokens already
+encoded: `transformer(x_new, mask, cache=cache)` runs only the new tokens, their queries attend
+over the cached keys followed by their own, and their keys/values are appended. That is exact
+wherever earlier tokens' states do not depend on later tokens (causal text, the prefix-LM mask's
+prefix), as in a caption decoder.
 """
 from __future__ import annotations
 
@@ -140,6 +146,46 @@ def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return probs.masked_fill(~attn_mask, 0.0) @ v
 
 
+class LayerKV:
+    """One layer's cached keys and values, each (N, nh, S, hs) (None before the first tokens)."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' k, v (N, nh, L, hs); -> every key and value (N, nh, S+L, hs)."""
+        if self.keys is not None:
+            k = torch.cat([self.keys, k], dim=-2)
+            v = torch.cat([self.values, v], dim=-2)
+        self.keys, self.values = k, v
+        return k, v
+
+
+class KVCache:
+    """The keys and values a Transformer computed for the tokens it has seen, one `LayerKV` per
+    block; rows are sequences. Pass it as `Transformer.forward(..., cache=)`: the call's tokens
+    come after the cached ones, and their attention mask covers the cached keys first, then
+    their own, broadcasting to (N, nh, L, S + L). `select` keeps or reorders rows (a beam
+    search's surviving hypotheses, finished captions dropped, one image's tokens given to
+    several beams)."""
+
+    def __init__(self, layers: int):
+        self.layers = [LayerKV() for _ in range(layers)]
+
+    def __len__(self) -> int:
+        """How many positions are cached."""
+        keys = self.layers[0].keys if self.layers else None
+        return 0 if keys is None else keys.shape[-2]
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (N',) long, in that order (repeats allowed)."""
+        for layer in self.layers:
+            if layer.keys is not None:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+
+
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -150,16 +196,25 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+                is_causal: bool = False, cache: LayerKV | None = None) -> torch.Tensor:
         """x: (..., L, C) -> (..., L, C); the leading dims are batch dims (Swin: (B, windows)).
         attn_mask: bool (True = may attend) or float (added to the scores), broadcasting to
-        (..., nh, L, L)."""
+        (..., nh, L, L), or to (N, nh, L, S + L) with a `cache` of S earlier positions (whose
+        keys/values come first; this call's are appended to it)."""
         *lead, L, C = x.shape
         qkv = self.qkv(x).view(*lead, L, 3, self.heads, C // self.heads)  # (..., L, 3, nh, hs)
         # Split on the qkv axis, then transpose views: the backward stacks dq, dk, dv straight
         # into the (..., L, 3, nh, hs) layout of the qkv output. (Unbinding a permuted
         # (3, B, nh, L, hs) view instead costs an extra copy of that gradient per layer.)
         q, k, v = (t.transpose(-3, -2) for t in qkv.unbind(-3))  # each (..., nh, L, hs), strided
+        if cache is not None:
+            if is_causal and cache.keys is not None:
+                # SDPA aligns is_causal to the top-left corner: wrong once keys precede queries
+                raise ValueError("is_causal with a non-empty KVCache is ambiguous; pass an "
+                                 "attn_mask over the cached and the new keys instead")
+            if len(lead) != 1:
+                raise ValueError("a KVCache needs x of shape (N, L, C) (no token groups)")
+            k, v = cache.extend(k, v)  # (N, nh, S + L, hs)
         if x.device.type == "cpu" and (
                 (q.dtype == torch.bfloat16 and L <= MATH_ATTENTION_MAX_LEN)
                 # a learned additive bias (Swin's relative positions): SDPA has no fused CPU
@@ -225,18 +280,19 @@ class Block(nn.Module):
         self.mlp = MLP(width, mlp_ratio, act)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False, groups: TokenGroups | None = None) -> torch.Tensor:
+                is_causal: bool = False, groups: TokenGroups | None = None,
+                cache: LayerKV | None = None) -> torch.Tensor:
         if self.norm_first:
-            x = x + self._attend(self.ln_1(x), attn_mask, is_causal, groups)
+            x = x + self._attend(self.ln_1(x), attn_mask, is_causal, groups, cache)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self._attend(x, attn_mask, is_causal, groups))
+        x = self.ln_1(x + self._attend(x, attn_mask, is_causal, groups, cache))
         return self.ln_2(x + self.mlp(x))
 
     def _attend(self, h: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
-                groups: TokenGroups | None) -> torch.Tensor:
+                groups: TokenGroups | None, cache: LayerKV | None = None) -> torch.Tensor:
         if groups is None:
-            return self.attn(h, attn_mask, is_causal)
-        return groups.join(self.attn(groups.split(h), attn_mask, is_causal))
+            return self.attn(h, attn_mask, is_causal, cache)
+        return groups.join(self.attn(groups.split(h), attn_mask, is_causal, cache))
 
 
 class Transformer(nn.Module):
@@ -267,10 +323,17 @@ class Transformer(nn.Module):
                 nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * layers))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
-        """x: (B, L, width) -> (B, L, width)."""
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training:
+                is_causal: bool = False, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (B, L, width) -> (B, L, width). With `cache` (made for this Transformer's
+        layers): x holds the tokens after the cached ones, whose keys/values it appends; the
+        mask then spans the cached keys and x's (see KVCache)."""
+        if cache is not None and len(cache.layers) != len(self.blocks):
+            raise ValueError(f"a KVCache of {len(cache.layers)} layers for a Transformer of "
+                             f"{len(self.blocks)}")
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, attn_mask, is_causal, cache=cache.layers[i])
+            elif self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
             else:
                 x = block(x, attn_mask, is_causal)

@@ -3,7 +3,8 @@
 Where it sits: besides (or instead of) patch tokens, a single-stream model can take one visual
 token per box (a detector's, or the dataset's). The flow is
 
-    image -> ViT patch grid (B, C, Hg, Wg) --RoIRegionFeatures(boxes)--> (B, R, C)
+    image -> ViT patch grid or a Swin stage's map (B, C, Hg, Wg)
+          --RoIRegionFeatures(boxes)--> (B, R, C)
           --RegionEmbed(boxes)--> (B, R, width) region tokens -> BertEmbed(inputs_embeds=...)
 
 - `roi_align`: pure-PyTorch RoIAlign with the semantics of torchvision.ops.roi_align and
@@ -11,7 +12,10 @@ token per box (a detector's, or the dataset's). The flow is
 - `box_geometry`: UNITER's 7-d location feature [x1, y1, x2, y2, w, h, w*h].
 - `RegionEmbed`: UNITER's ImageEmbeddings (region feature + location, each projected and
   normalised, summed, normalised again), without its dropout.
-- `RoIRegionFeatures`: boxes normalised to the image -> one pooled vector per box from a grid.
+- `RoIRegionFeatures`: boxes normalised to the image -> one pooled vector per box from a grid
+  (a Swin stage's map at spatial scale 1/stride).
+- `grid_cell_boxes`: each token of a Swin grid as the box of its cell, normalised to the image
+  (the 2-D positions of a single stream's Swin visual tokens).
 """
 from __future__ import annotations
 
@@ -138,6 +142,19 @@ def box_geometry(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([boxes, w[..., None], h[..., None], (w * h)[..., None]], dim=-1)
 
 
+def grid_cell_boxes(positions: torch.Tensor, stride: int, image_size: tuple[int, int]
+                    ) -> torch.Tensor:
+    """(N, 2) (row, col) grid positions (`SwinFeatures.positions()`) -> (N, 4) normalised
+    [x1, y1, x2, y2] of each cell: cell (r, c) spans pixels [c * stride, (c + 1) * stride) x
+    [r * stride, (r + 1) * stride) of the image (H, W) = `image_size` (cells over Swin's
+    right/bottom padding reach past 1). Normalised, a cell keeps its meaning at any image size,
+    which a learned table per grid index would not."""
+    H, W = image_size
+    rc = positions.to(torch.float32)
+    x1, y1 = rc[:, 1] * stride / W, rc[:, 0] * stride / H
+    return torch.stack([x1, y1, x1 + stride / W, y1 + stride / H], dim=1)
+
+
 class RegionEmbed(nn.Module):
     """Region feature + box -> one visual token (UNITER's ImageEmbeddings, without dropout).
 
@@ -172,14 +189,20 @@ class RegionEmbed(nn.Module):
 
 
 class RoIRegionFeatures(nn.Module):
-    """Pool one vector per box from a patch-grid feature map (no parameters).
+    """Pool one vector per box from a grid feature map (no parameters).
 
     feature_map (B, C, Hg, Wg), e.g. ViT patch tokens without the class token reshaped as
-    `tokens.transpose(1, 2).reshape(B, C, Hg, Wg)`; boxes (B, R, 4) [x1, y1, x2, y2] normalised
-    to [0, 1] of the image; mask (B, R) bool, False for padding. A normalised box times the grid
-    size is in feature-map coordinates (cell i spans [i, i+1]), so roi_align runs with
-    spatial_scale=1 and aligned=True. Each box is roi-aligned to `output_size` cells whose mean
-    is its vector. Returns (B, R, C); padded regions are zeros.
+    `tokens.transpose(1, 2).reshape(B, C, Hg, Wg)`, or a Swin stage's map
+    (`SwinFeatures.feature_map(s)`); boxes (B, R, 4) [x1, y1, x2, y2] normalised to [0, 1] of
+    the image; mask (B, R) bool, False for padding. Each box is roi-aligned (aligned=True) to
+    `output_size` cells whose mean is its vector. Returns (B, R, C); padded regions are zeros.
+
+    Where the grid covers exactly the image (a ViT: grid * patch = image), a normalised box
+    times the grid size is in feature-map coordinates (cell i spans [i, i+1]): spatial_scale=1.
+    A Swin map covers the image padded up to its stride (right/bottom), so its cells are not
+    image / grid wide: give `stride` (the stage's pixels per cell) and `image_size` (H, W of
+    the pixels the tokens came from); the boxes then go in pixels with spatial_scale = 1/stride,
+    as a detector's FPN level is pooled.
     """
 
     def __init__(self, output_size: int | tuple[int, int] = (2, 2), sampling_ratio: int = 2):
@@ -188,18 +211,26 @@ class RoIRegionFeatures(nn.Module):
         self.sampling_ratio = sampling_ratio
 
     def forward(self, feature_map: torch.Tensor, boxes: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, *, stride: int | None = None,
+                image_size: tuple[int, int] | None = None) -> torch.Tensor:
         B, C, Hg, Wg = feature_map.shape
         if boxes.dim() != 3 or boxes.shape[0] != B or boxes.shape[2] != 4:
             raise ValueError(f"boxes must be (B={B}, R, 4) normalised [x1, y1, x2, y2], got "
                              f"shape {tuple(boxes.shape)}")
+        if (stride is None) != (image_size is None):
+            raise ValueError("give both stride and image_size (a map over a padded image), or "
+                             "neither (a grid that covers the image exactly)")
         R = boxes.shape[1]
         boxes = boxes.to(torch.promote_types(boxes.dtype, torch.float32))  # bf16 boxes: no rounding
-        scale = boxes.new_tensor([Wg, Hg, Wg, Hg])  # x by the grid's width, y by its height
+        if stride is None:  # x by the grid's width, y by its height
+            scale, spatial_scale = boxes.new_tensor([Wg, Hg, Wg, Hg]), 1.0
+        else:  # to pixels, then 1 / stride into the map
+            H, W = image_size
+            scale, spatial_scale = boxes.new_tensor([W, H, W, H]), 1.0 / stride
         batch = torch.arange(B, device=boxes.device, dtype=boxes.dtype).repeat_interleave(R)
         rois = torch.cat([batch[:, None], (boxes * scale).reshape(B * R, 4)], dim=1)  # (B*R, 5)
         # every box is pooled (padding too: a fixed shape, no host sync), then padding zeroed
-        pooled = roi_align(feature_map, rois, self.output_size, spatial_scale=1.0,
+        pooled = roi_align(feature_map, rois, self.output_size, spatial_scale=spatial_scale,
                            sampling_ratio=self.sampling_ratio, aligned=True)  # (B*R, C, oh, ow)
         pooled = pooled.mean(dim=(2, 3)).reshape(B, R, C)  # (B, R, C)
         if mask is not None:

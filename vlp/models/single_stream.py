@@ -9,10 +9,14 @@ tied to the word embeddings), masked region classification / feature regression,
 image-text matching on [CLS].
 
 Visual tokens (`model.visual_tokens`):
-- patches: the image's patch embeddings with learned grid positions (ViLT);
+- patches: the image's patch embeddings with learned grid positions (ViLT); with
+  `model.vision.arch=swin`, a Swin tower's final-stage tokens, each embedded with its cell's
+  box as a region is (UNITER's region embedding: the token + the geometry of its grid cell,
+  from `SwinFeatures.positions()`), so the stream sees where each token is at any image size;
 - regions: precomputed region features with their box geometry (UNITER's region embedding);
-- roi_align: a patch encoder (`model.vision`) over the image, its grid pooled by RoIAlign over
-  the boxes, then the same region embedding; trained end to end.
+- roi_align: a patch encoder (`model.vision`: a ViT without class token, or a Swin tower whose
+  stage `model.vision.roi_stage` is pooled at 1/stride) over the image, its grid pooled by
+  RoIAlign over the boxes, then the same region embedding; trained end to end.
 """
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.config import ModelConfig
+from vlp.config import ModelConfig, VisionConfig
 from vlp.models.embed import BertEmbed, PatchEmbed
 from vlp.models.encoder import Transformer, build_attention_mask, make_activation
-from vlp.models.regions import RegionEmbed, RoIRegionFeatures
+from vlp.models.regions import RegionEmbed, RoIRegionFeatures, grid_cell_boxes
+from vlp.models.swin import SwinFeatures, SwinTransformer
 
 TEXT, VISUAL = 0, 1  # segment (token type) ids
 
@@ -57,6 +62,13 @@ class MLMHead(nn.Module):
         return F.linear(h, self.word_embeddings.weight, self.bias)
 
 
+def _build_swin(v: VisionConfig) -> SwinTransformer:
+    """The Swin trunk of `model.vision` (what VisionTower builds, without its projection)."""
+    return SwinTransformer(v.width, v.stage_depths, v.stage_heads, patch_size=v.patch_size,
+                           window_size=v.window_size, mlp_ratio=v.mlp_ratio, act=v.act,
+                           norm_eps=v.norm_eps)
+
+
 class SingleStream(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, region_feature_dim: int = 0,
                  num_region_labels: int = 0, heads: tuple[str, ...] = ("mlm", "mrc", "mrfr",
@@ -68,8 +80,13 @@ class SingleStream(nn.Module):
         self.region_feature_dim, self.num_region_labels = region_feature_dim, num_region_labels
         self.text_embed = BertEmbed(vocab_size, f.width, max_positions=f.max_positions,
                                     type_vocab_size=2, norm_eps=f.norm_eps)
-        if self.kind == "patches":
-            v = cfg.vision
+        v = cfg.vision
+        self.swin_tokens = v.arch == "swin" and self.kind in ("patches", "roi_align")
+        if self.kind == "patches" and self.swin_tokens:
+            self.swin = _build_swin(v)
+            # final-stage tokens + their cells' boxes -> visual tokens (module docstring)
+            self.grid_embed = RegionEmbed(self.swin.out_width, f.width, norm_eps=f.norm_eps)
+        elif self.kind == "patches":
             self.patch_embed = PatchEmbed(v.image_size, v.patch_size, f.width, class_token=False)
         elif self.kind == "regions":
             if region_feature_dim <= 0:
@@ -77,14 +94,18 @@ class SingleStream(nn.Module):
                                  "the .regions.npz features)")
             self.region_embed = RegionEmbed(region_feature_dim, f.width, norm_eps=f.norm_eps)
         elif self.kind == "roi_align":
-            v = cfg.vision
-            self.patch_embed = PatchEmbed(v.image_size, v.patch_size, v.width, class_token=False,
-                                          pos_embed=v.pos_embed)
-            self.visual_encoder = Transformer(v.width, v.layers, v.heads, v.mlp_ratio, v.act,
-                                              v.norm_eps)
+            if self.swin_tokens:
+                self.swin = _build_swin(v)
+                self.roi_stage = v.roi_stage % len(self.swin.widths)  # -1: the last
+                self.region_feature_dim = self.swin.widths[self.roi_stage]
+            else:
+                self.patch_embed = PatchEmbed(v.image_size, v.patch_size, v.width,
+                                              class_token=False, pos_embed=v.pos_embed)
+                self.visual_encoder = Transformer(v.width, v.layers, v.heads, v.mlp_ratio,
+                                                  v.act, v.norm_eps)
+                self.region_feature_dim = v.width
             self.roi_pool = RoIRegionFeatures()
-            self.region_feature_dim = v.width
-            self.region_embed = RegionEmbed(v.width, f.width, norm_eps=f.norm_eps)
+            self.region_embed = RegionEmbed(self.region_feature_dim, f.width, norm_eps=f.norm_eps)
         else:
             raise ValueError(f"unknown visual_tokens {self.kind!r}; choose patches, regions or "
                              "roi_align")
@@ -109,24 +130,53 @@ class SingleStream(nn.Module):
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.transformer.grad_checkpointing = enabled
-        if self.kind == "roi_align":
+        if self.swin_tokens:
+            self.swin.set_grad_checkpointing(enabled)
+        elif self.kind == "roi_align":
             self.visual_encoder.grad_checkpointing = enabled
 
     # ------------------------------------------------------------------ visual tokens
-    def region_inputs(self, pixel_values, region_features, region_boxes, region_mask):
+    def swin_features(self, pixel_values: torch.Tensor) -> SwinFeatures:
+        """Swin towers only: every stage's tokens and the final ones (one trunk pass, which
+        `region_inputs` / `embed_visual` take as `stages=` so the caller can also pool them)."""
+        return self.swin.forward_stages(pixel_values)
+
+    def region_inputs(self, pixel_values, region_features, region_boxes, region_mask, *,
+                      stages: SwinFeatures | None = None):
         """(features (B, R, D), boxes, mask): the regions' features before embedding — the
-        file's for `regions`, RoIAlign-pooled encoder features for `roi_align`."""
+        file's for `regions`, RoIAlign-pooled encoder features for `roi_align` (a Swin tower:
+        stage `roi_stage`'s map at 1/stride; `stages`: its features, when already computed)."""
         if self.kind == "regions":
             return region_features, region_boxes, region_mask
+        if self.swin_tokens:
+            stages = stages if stages is not None else self.swin_features(pixel_values)
+            s = self.roi_stage
+            pooled = self.roi_pool(stages.feature_map(s), region_boxes, region_mask,
+                                   stride=stages.strides[s],
+                                   image_size=tuple(pixel_values.shape[-2:]))
+            return pooled, region_boxes, region_mask
         tokens = self.visual_encoder(self.patch_embed(pixel_values))  # (B, g*g, C)
         g = self.patch_embed.grid_size
         grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], g, g)
         return self.roi_pool(grid, region_boxes, region_mask), region_boxes, region_mask
 
-    def embed_visual(self, features, boxes, mask, pixel_values=None):
-        """Visual token embeddings (B, R, width) + segment 1, and their mask (B, R)."""
+    def grid_tokens(self, stages: SwinFeatures, image_size: tuple[int, int]) -> torch.Tensor:
+        """Swin `patches`: (B, h*w, width) the final-stage tokens embedded with their cells'
+        boxes (image_size: (H, W) of the pixels), before segment and norm."""
+        tokens = stages.tokens  # (B, h*w, C_last), row-major on stages.grid
+        cells = grid_cell_boxes(stages.positions(), stages.strides[-1], image_size)  # (h*w, 4)
+        return self.grid_embed(tokens, cells.expand(tokens.shape[0], -1, -1))
+
+    def embed_visual(self, features, boxes, mask, pixel_values=None, *,
+                     stages: SwinFeatures | None = None):
+        """Visual token embeddings (B, R, width) + segment 1, and their mask (B, R). Swin
+        `patches`: `stages`, the trunk's features when already computed."""
         if self.kind == "patches":
-            tokens = self.patch_embed(pixel_values)
+            if self.swin_tokens:
+                stages = stages if stages is not None else self.swin_features(pixel_values)
+                tokens = self.grid_tokens(stages, tuple(pixel_values.shape[-2:]))
+            else:
+                tokens = self.patch_embed(pixel_values)
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         else:
             tokens = self.region_embed(features, boxes)

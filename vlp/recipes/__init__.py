@@ -27,7 +27,7 @@ from vlp.engine.loop import RunLock, check_resumed_config, resolve_resume, train
 from vlp.engine.setup import build_tokenizer, resolve_data, tokenizer_cache
 from vlp.engine.task import Task
 from vlp.recipes.combined import CombinedRecipe
-from vlp.recipes.dual_tower import DualTowerRecipe
+from vlp.recipes.dual_tower import DualTowerRecipe, resolve_tower_inits
 from vlp.recipes.init_from import adopt_start, start_transform
 from vlp.recipes.single_stream import SingleStreamRecipe, adopt_bert_shape
 from vlp.tokenizer import Tokenizer, load_tokenizer
@@ -61,14 +61,17 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, *, resume: str | None = N
     cfg, started_from = adopt_start(cfg, given)
     if started_from:
         validate(cfg)  # the directory's shape must suit the recipe (e.g. MLM needs BERT-style)
+    if cfg.recipe in ("dual_tower", "combined"):
+        cfg, tower_shapes = resolve_tower_inits(cfg, given)  # before transforms and tokenizer
+        started_from += tower_shapes
     world = dist.init()
     main = world.is_main
     say = print if main else (lambda *a, **k: None)
     dist.set_threads(world, cfg.train.threads)
     if adopted:
         say(f"model.init_text_from: taking the BERT folder's {', '.join(adopted)}")
-    if started_from:
-        say(f"model.init_from: {started_from[0]}")
+    for line in started_from:
+        say(f"starting from published weights: {line}")
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out_dir) if world.is_main else None  # one run at a time in OUT
     resume_from = resolve_resume(out_dir, resume)

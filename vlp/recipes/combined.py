@@ -23,10 +23,12 @@ from vlp.eval.retrieval import evaluate_retrieval, format_table
 from vlp.eval.single_stream import Accuracy, attribute_token_ids
 from vlp.models.combined import Combined
 from vlp.models.pretrained import Pretrained
+from vlp.models.towers import init_towers
 from vlp.objectives import classification_loss, clip_loss, distributed_clip_loss, \
     sample_matching_pairs
 from vlp.objectives.masking import IGNORE, continuation_table, mask_tokens, mask_words, \
     special_token_ids
+from vlp.recipes.dual_tower import check_tower_inits, log_lines
 from vlp.recipes.init_from import load_start, start_transform
 from vlp.tokenizer import Tokenizer
 
@@ -41,7 +43,8 @@ class CombinedRecipe(Task):
                  val_spec: str = ""):
         if tokenizer.mask_id is None:
             raise ConfigError("the combined recipe masks words: the tokenizer has no [MASK] token")
-        self.cfg, self.tokenizer, self.val_spec = cfg, tokenizer, val_spec
+        self.cfg, self.tokenizer, self.val_spec = check_tower_inits(cfg, tokenizer), \
+            tokenizer, val_spec
         self.eval_transform = start_transform(cfg, train=False)
         self._itc = distributed_clip_loss if world_size > 1 else clip_loss
         self.special_ids = special_token_ids(tokenizer)
@@ -52,7 +55,8 @@ class CombinedRecipe(Task):
 
     def build_model(self, pretrained: bool = True) -> Combined:
         model = Combined(self.cfg.model, self.tokenizer.vocab_size)
-        if pretrained:
+        if pretrained:  # the towers' init_from, as the dual-tower recipe's
+            log_lines(init_towers(model.towers))
             load_start(model, self.cfg)
         return model
 

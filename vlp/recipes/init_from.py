@@ -2,8 +2,8 @@
 (continuing a converted CLIP, or a vlp run, on other data).
 
 The model's shape and tokenizer come from DIR: a `model.*` key the run sets to a value other
-than DIR's (and other than the default) is refused by name, as is a `tokenizer.path` naming
-another vocabulary. The weights are loaded exactly (every key, every shape) before the first
+than DIR's is refused by name, as is a `tokenizer.path` naming another vocabulary (but
+model.vision.image_size may differ: DIR's learned position grid is resampled to it). The weights are loaded exactly (every key, every shape) before the first
 step. What each recipe takes:
 
     recipe=dual_tower     a dual_tower directory, or the towers of a combined one
@@ -19,18 +19,20 @@ from pathlib import Path
 import torch
 
 from vlp import modeldir
-from vlp.config import ConfigError, ModelConfig, PretrainConfig, flatten, from_dict, to_dict
+from vlp.config import ConfigError, ModelConfig, PretrainConfig, flatten, to_dict
 from vlp.data.transforms import ImageTransform
+from vlp.models.resize import at_image_size
+from vlp.models.towers import VISION_SOURCES
 
 ACCEPTS = {"dual_tower": ("dual_tower", "combined"),
            "combined": ("combined", "dual_tower"),
            "single_stream": ("single_stream",)}
-# model.* keys a run may set freely: they do not change the weights' shapes or meaning
-FREE = ("init_from", "init_logit_scale", "max_logit_scale")
+# model.* keys a run may set freely: they do not change the weights' shapes or meaning (a new
+# image size resamples the learned position grid: vlp/models/resize.py)
+FREE = ("init_from", "init_logit_scale", "max_logit_scale", "vision.image_size")
 
 
-def read_start(cfg: PretrainConfig) -> modeldir.ModelDir | None:
-    """The directory model.init_from names, checked against the recipe (None without one)."""
+def _read(cfg: PretrainConfig) -> modeldir.ModelDir | None:
     if not cfg.model.init_from:
         return None
     try:
@@ -39,19 +41,29 @@ def read_start(cfg: PretrainConfig) -> modeldir.ModelDir | None:
         raise ConfigError(f"model.init_from: {e} (recipe={cfg.recipe})") from None
 
 
+def read_start(cfg: PretrainConfig) -> modeldir.ModelDir | None:
+    """The directory model.init_from names, checked against the recipe and read at the run's
+    image size (None without one). `cfg`: a resolved config (adopt_start's)."""
+    folder = _read(cfg)
+    return folder and at_image_size(folder, cfg.model.vision.image_size)
+
+
 def adopt_start(cfg: PretrainConfig, given: set[str] | None = None
                 ) -> tuple[PretrainConfig, list[str]]:
     """With model.init_from, the run's model config and tokenizer become the directory's.
     Returns (the resolved copy of `cfg`, what was taken, for the log); raises ConfigError
     naming the first `model.*` or `tokenizer.path` setting that conflicts with DIR. `given`:
     the dotted keys the user set (None: any value other than the default counts as set)."""
-    start = read_start(cfg)
+    start = _read(cfg)
     if start is None:
         return cfg, []
     source = cfg.model.init_from
-    if cfg.model.init_text_from:
-        raise ConfigError(f"model.init_from={source} and model.init_text_from="
-                          f"{cfg.model.init_text_from} both set the text weights; drop one")
+    for key, other in (("model.init_text_from", cfg.model.init_text_from),
+                       ("model.vision.init_from", cfg.model.vision.init_from),
+                       ("model.text.init_from", cfg.model.text.init_from)):
+        if other:
+            raise ConfigError(f"model.init_from={source} and {key}={other} both set weights "
+                              "of the same tower; drop one")
     saved = start.model_config()
     # fresh fusion layers (a dual tower into the combined recipe) keep the run's settings
     fresh_fusion = cfg.recipe == "combined" and start.architecture == "dual_tower"
@@ -71,6 +83,10 @@ def adopt_start(cfg: PretrainConfig, given: set[str] | None = None
                     max_logit_scale=cfg.model.max_logit_scale)
     if fresh_fusion:
         model = replace(model, fusion=cfg.model.fusion)
+    size = cfg.model.vision.image_size
+    if ("model.vision.image_size" in given if given is not None
+            else size != ModelConfig().vision.image_size):
+        model = replace(model, vision=replace(model.vision, image_size=size))
     if cfg.recipe == "combined" and model.text.mask != "bidirectional":
         raise ConfigError(f"model.init_from={source} has a {model.text.mask} text tower; "
                           "recipe=combined runs MLM on it and needs a bidirectional one (a "
@@ -87,9 +103,12 @@ def adopt_start(cfg: PretrainConfig, given: set[str] | None = None
 
 
 def start_transform(cfg: PretrainConfig, train: bool) -> ImageTransform:
-    """The run's image transform: DIR's normalisation (a converted checkpoint's mean/std) when
-    starting from one, else the defaults; model.vision.image_size in both cases."""
+    """The run's image transform: the normalisation (mean/std) of the checkpoint the image
+    weights start from (model.init_from, else model.vision.init_from: an ImageNet ViT's is
+    not CLIP's), else the defaults; model.vision.image_size in every case."""
     start = read_start(cfg)
+    if start is None and cfg.model.vision.init_from:
+        start = modeldir.read(cfg.model.vision.init_from, VISION_SOURCES)
     if start is None:
         return ImageTransform(cfg.model.vision.image_size, train=train)
     t = start.transform()

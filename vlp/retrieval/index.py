@@ -24,14 +24,30 @@ exact top 10 for image queries but 0.986 for caption queries, while 16-byte PQ c
 0.41 for image queries and 0.58 for caption ones (neighbouring images there score so alike
 that quantisation noise reorders them). Text->image is what this index serves, so measuring
 with indexed vectors alone would misstate what IVF and PQ cost it.
+
+Indexes larger than RAM: an IVF index whose inverted lists (codes + ids) exceed the budget
+keeps them on disk (faiss OnDiskInvertedLists; forced with on_disk=True). Only the quantizer
+(and OPQ matrix, PQ codebooks) stays in RAM. It is built as autofaiss builds its distributed
+indexes: train once, add the vectors block by block into small in-RAM IVF parts of the same
+trained index, write each part, then merge the parts' lists into one `image.<token>.ivfdata`
+file (faiss.contrib.ondisk.merge_ondisk) beside `image.index`; the build holds one block at a
+time. Lists keep the order of the ids, so the answers are those of the same index in RAM.
+`open_index` (what search and the service use) maps every index file into memory instead of
+reading it (IO_FLAG_MMAP_IFC; on-disk lists mapped read-only from the .ivfdata file): the
+page cache holds what queries touch, shared between processes.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import math
+import os
 import re
+import secrets
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +95,8 @@ def format_bytes(n: float) -> str:
 @dataclass
 class IndexChoice:
     """A faiss factory string with what it was chosen from; `memory` estimates the index's
-    size in bytes (vectors or codes, ids, quantizer, graph links, OPQ matrix)."""
+    size in bytes (vectors or codes, ids, quantizer, graph links, OPQ matrix). `on_disk`: the
+    inverted lists go to disk, and only `resident` bytes (quantizer, OPQ, codebooks) to RAM."""
 
     name: str  # one of INDEX_TYPES but "auto", or "custom" for a factory string
     factory: str
@@ -88,6 +105,8 @@ class IndexChoice:
     nlist: int | None = None
     pq_m: int | None = None
     pq_bits: int | None = None
+    on_disk: bool = False
+    resident: int | None = None
 
 
 def ivf_nlist(n: int) -> int:
@@ -117,12 +136,19 @@ def _opq_dim(d: int, m: int) -> int:
     return m * min(d // m, 8)
 
 
+def _lists(name: str, n: int, d: int, m: int = 0, bits: int = 8) -> int:
+    """Bytes of an IVF family's inverted lists: a code and an id per vector."""
+    codes = d * 4 if name in ("ivf", "ivf-hnsw") else math.ceil(m * bits / 8)
+    return n * (codes + ID_BYTES)
+
+
 def _memory(name: str, n: int, d: int, nlist: int = 1, m: int = 0, bits: int = 8) -> int:
     if name == "flat":
         return n * d * 4
     if name == "hnsw":  # vectors + level-0 links (2M int32) + a little for upper levels
         return n * (d * 4 + 2 * 32 * 4 + 16)
-    _, quantizer = _quantizer(nlist, d)
+    # "ivf" keeps a flat quantizer at any nlist (factory_for); the others a graph from 1024
+    quantizer = nlist * 4 * d if name == "ivf" else _quantizer(nlist, d)[1]
     if name in ("ivf", "ivf-hnsw"):
         return n * (d * 4 + ID_BYTES) + quantizer
     codes = math.ceil(m * bits / 8)
@@ -171,20 +197,39 @@ def check_index_type(index_type: str) -> None:
                          "faiss factory string (e.g. 'IVF1024,PQ32x8', 'HNSW32,Flat')")
 
 
+IVF_FAMILIES = ("ivf", "ivf-hnsw", "ivf-pq", "opq-pq")
+
+
 def choose_index(n: int, d: int, max_memory: int | str = "4GB",
-                 index_type: str = "auto") -> IndexChoice:
+                 index_type: str = "auto", on_disk: bool | None = None) -> IndexChoice:
     """The index for n vectors of dimension d in `max_memory` bytes (module docstring).
 
     `index_type`: "auto", a family (INDEX_TYPES: its parameters still come from n, d and the
-    budget) or a faiss factory string such as "IVF256,PQ16x8" (used as it is)."""
+    budget) or a faiss factory string such as "IVF256,PQ16x8" (used as it is).
+    `on_disk`: None: an IVF family's inverted lists go to disk when the index exceeds the
+    budget ("auto" picks codes that fit the budget instead, so it stays in RAM); True: on
+    disk (an IVF index; "auto" then takes IVF with flat codes); False: in RAM."""
     budget = parse_memory(max_memory)
     if n < 1:
         raise ValueError("no vectors to index (did every sample get skipped? see the skip "
                          "counts of the embedding run)")
     check_index_type(index_type)
     if index_type not in INDEX_TYPES:
-        return IndexChoice("custom", index_type, 0, "faiss factory string given")
+        if on_disk and "IVF" not in index_type:
+            raise ValueError(f"--on-disk needs an IVF index; {index_type!r} has no inverted "
+                             "lists")
+        return IndexChoice("custom", index_type, 0, "faiss factory string given"
+                           + ("; inverted lists on disk" if on_disk else ""),
+                           on_disk=bool(on_disk))
+    if on_disk and index_type in ("flat", "hnsw"):
+        raise ValueError(f"--on-disk needs an IVF index (--index-type {', '.join(IVF_FAMILIES)}"
+                         f" or an IVF factory string); {index_type} keeps its vectors in RAM")
     bits = pq_bits(n)
+    if index_type == "auto" and on_disk:
+        nlist = ivf_nlist(n)
+        name = "ivf-hnsw" if nlist >= HNSW_QUANTIZER_MIN_NLIST else "ivf"
+        return _on_disk(IndexChoice(name, factory_for(name, n, d)[0], _memory(name, n, d, nlist),
+                                    "--on-disk: flat codes", nlist), n, d, budget)
     if index_type == "auto":
         flat = _memory("flat", n, d)
         if n < FLAT_THRESHOLD and flat <= budget:
@@ -202,7 +247,8 @@ def choose_index(n: int, d: int, max_memory: int | str = "4GB",
             least = _memory("opq-pq", n, d, nlist, PQ_M[-1], bits)
             raise ValueError(f"--max-memory {format_bytes(budget)} cannot hold {n} vectors: the "
                              f"smallest index here (OPQ{PQ_M[-1]} codes + ids) needs "
-                             f"{format_bytes(least)}; raise --max-memory")
+                             f"{format_bytes(least)}; raise --max-memory, or keep the inverted "
+                             "lists on disk (--on-disk)")
         factory, _ = factory_for("opq-pq", n, d, m, bits)
         mem = _memory("opq-pq", n, d, nlist, m, bits)
         return IndexChoice("opq-pq", factory, mem, f"{n} vectors: flat codes "
@@ -210,15 +256,31 @@ def choose_index(n: int, d: int, max_memory: int | str = "4GB",
                            f"{format_bytes(budget)}; {m}-byte PQ codes fit", nlist, m, bits)
     m = None
     if index_type in ("ivf-pq", "opq-pq"):
-        m = _pq_m(index_type, n, d, budget, bits)
-        if m is None:  # asked for PQ explicitly: take the smallest codes, say it is over budget
-            m = next(m for m in reversed(PQ_M) if m < d and (index_type == "opq-pq" or
-                                                             d % m == 0))
+        valid = [m for m in PQ_M if m < d and (index_type == "opq-pq" or d % m == 0)]
+        # codes on disk do not count against the budget: the largest; in RAM, the largest
+        # that fits, else the smallest (over the budget, then on disk unless on_disk=False)
+        m = valid[0] if on_disk else (_pq_m(index_type, n, d, budget, bits) or valid[-1])
     factory, nlist = factory_for(index_type, n, d, m or 0, bits)
     mem = _memory(index_type, n, d, nlist or 1, m or 0, bits)
-    over = "" if mem <= budget else f" (over the {format_bytes(budget)} budget)"
-    return IndexChoice(index_type, factory, mem, f"--index-type {index_type}{over}",
-                       nlist or None, m, bits if m else None)
+    choice = IndexChoice(index_type, factory, mem, f"--index-type {index_type}", nlist or None,
+                         m, bits if m else None)
+    if index_type in IVF_FAMILIES and (on_disk or (on_disk is None and mem > budget)):
+        return _on_disk(choice, n, d, budget)
+    if mem > budget:
+        choice.reason += f" (over the {format_bytes(budget)} budget)"
+    return choice
+
+
+def _on_disk(choice: IndexChoice, n: int, d: int, budget: int) -> IndexChoice:
+    """`choice` with its inverted lists on disk: what stays in RAM is the rest."""
+    lists = _lists(choice.name, n, d, choice.pq_m or 0, choice.pq_bits or 8)
+    choice.on_disk, choice.resident = True, choice.memory - lists
+    choice.reason += (f"; inverted lists on disk ({format_bytes(lists)}"
+                      + (f" > {format_bytes(budget)}" if choice.memory > budget else "")
+                      + f"), {format_bytes(choice.resident)} in RAM")
+    if choice.resident > budget:
+        choice.reason += f" (over the {format_bytes(budget)} budget)"
+    return choice
 
 
 # --------------------------------------------------------------------------- GPU
@@ -402,6 +464,23 @@ def train_and_add(factory: str, d: int, n: int, chunks: Chunks,
 
     `clustering_index(d)` makes the index that assigns points to cells during IVF k-means;
     default: `gpu_clustering_index` with faiss-gpu and a GPU, else faiss's own."""
+    index, stats = train_index(factory, d, n, sample, seed=seed,
+                               clustering_index=clustering_index)
+    t = time.perf_counter()
+    with tqdm(total=n, desc=desc, unit="vec", disable=not progress) as bar:
+        for _, x in chunks():
+            if len(x):
+                index.add(x)
+            bar.update(len(x))
+    stats["add_s"] = round(time.perf_counter() - t, 3)
+    return index, stats
+
+
+def train_index(factory: str, d: int, n: int, sample: Callable[[np.ndarray], np.ndarray], *,
+                seed: int = 0, clustering_index: Callable[[int], faiss.Index] | None = None
+                ) -> tuple[faiss.Index, dict]:
+    """The empty index of `factory`, trained on a random sample of the n vectors (the part of
+    `train_and_add` before adding); {train_size, train_s}."""
     try:
         index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
@@ -420,14 +499,103 @@ def train_and_add(factory: str, d: int, n: int, chunks: Chunks,
         with _opq_codebook(index, factory), _clustering_index(index, make):
             index.train(x)
         stats.update(train_size=len(ids), train_s=round(time.perf_counter() - t, 3))
-    t = time.perf_counter()
-    with tqdm(total=n, desc=desc, unit="vec", disable=not progress) as bar:
-        for _, x in chunks():
-            if len(x):
-                index.add(x)
-            bar.update(len(x))
-    stats["add_s"] = round(time.perf_counter() - t, 3)
     return index, stats
+
+
+# --------------------------------------------------------------------------- on disk
+@contextlib.contextmanager
+def _c_stdout_quiet():
+    """faiss's OnDiskInvertedLists announces "resizing FILE to N bytes" with C printf; keep
+    that off our stdout (the library's callers print results there)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)  # what printf buffered goes to /dev/null, not later
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def add_on_disk(index: faiss.Index, chunks: Chunks, n: int, ivfdata: Path, work: Path,
+                budget: int, *, progress: bool = False, desc: str = "add") -> dict:
+    """Fill the trained, empty IVF `index` with every vector of `chunks()` into on-disk
+    inverted lists in the file `ivfdata`: blocks of vectors go into in-RAM copies of the empty
+    index (written to `work`, then dropped), whose lists are merged into the one file
+    (faiss.contrib.ondisk.merge_ondisk, reading the parts memory-mapped). A block's lists
+    (codes + ids) take at most half of what `budget` leaves beside the empty index; the other
+    half is for the chunk being read and faiss's buffers. Vectors keep their ids (chunk first
+    id + row), so the lists hold them in id order, as in an index filled in RAM.
+    Returns {add_s, parts, block_rows, resident_bytes (the empty index: what stays in RAM)}."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    t = time.perf_counter()
+    empty = faiss.serialize_index(index)
+    try:
+        per_vector = faiss.extract_index_ivf(index).code_size + ID_BYTES
+    except RuntimeError:
+        raise ValueError("on-disk inverted lists need an IVF index; this one has no inverted "
+                         "lists") from None
+    block_rows = max(1, (budget - len(empty)) // 2 // per_vector)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    names: list[str] = []
+    part = None
+
+    def flush():
+        nonlocal part
+        if part is not None and part.ntotal:
+            names.append(str(work / f"part_{len(names):05d}.index"))
+            faiss.write_index(part, names[-1])
+        part = None
+
+    with tqdm(total=n, desc=desc, unit="vec", disable=not progress) as bar:
+        for first_id, x in chunks():
+            done = 0
+            while done < len(x):  # a chunk may be larger than a block
+                part = part or faiss.deserialize_index(empty)
+                take = min(len(x) - done, block_rows - part.ntotal)
+                part.add_with_ids(x[done:done + take], np.arange(
+                    first_id + done, first_id + done + take, dtype=np.int64))
+                done += take
+                if part.ntotal >= block_rows:
+                    flush()
+            bar.update(len(x))
+    flush()
+    with _c_stdout_quiet():
+        merge_ondisk(index, names, str(ivfdata))
+    with open(ivfdata, "rb") as f:  # the lists are on disk before an index points at them
+        os.fsync(f.fileno())
+    shutil.rmtree(work, ignore_errors=True)
+    return {"add_s": round(time.perf_counter() - t, 3), "parts": len(names),
+            "block_rows": int(block_rows), "resident_bytes": len(empty)}
+
+
+def open_index(index_dir: str | Path, modality: str, record: dict | None = None
+               ) -> faiss.Index:
+    """`image.index` / `text.index` mapped into memory rather than read: what `vlp search`
+    and `vlp serve` use. An index with on-disk lists (`record["storage"] == "disk"`) maps its
+    .ivfdata file read-only, found beside the index file whatever folder it was built in
+    (the role of IO_FLAG_ONDISK_SAME_DIR, without its printf on stdout)."""
+    path = Path(index_dir) / INDEX_FILES[modality]
+    if (record or {}).get("storage") == "disk":
+        index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+        if isinstance(lists, faiss.OnDiskInvertedLists):
+            lists.filename = str(path.parent / Path(lists.filename).name)
+            if not Path(lists.filename).is_file():
+                raise FileNotFoundError(f"{lists.filename} does not exist: it holds the "
+                                        f"inverted lists of {path} (keep the two together)")
+            lists.read_only = True
+            lists.do_mmap()
+            return index
+    if "IVF" in (record or {}).get("factory", ""):
+        # the lists become OnDiskInvertedLists over the index file, read-only
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    # flat codes (Flat, HNSW storage) mapped: faiss >= 1.11; older ones read them
+    return faiss.read_index(str(path), getattr(faiss, "IO_FLAG_MMAP_IFC", 0))
 
 
 def _held_out_captions(index_dir: Path, ids: np.ndarray) -> list[str]:
@@ -463,8 +631,8 @@ def _zero_shot(index: faiss.Index, gt: dict, ids: np.ndarray, modality: str, n: 
 
 
 def build_index(index_dir: str | Path, *, modality: str = "image", index_type: str = "auto",
-                max_memory: int | str = "4GB", model=None, queries: int = 1000,
-                target_recall: float = TARGET_RECALL, seed: int = 0,
+                max_memory: int | str = "4GB", on_disk: bool | None = None, model=None,
+                queries: int = 1000, target_recall: float = TARGET_RECALL, seed: int = 0,
                 progress: bool = True) -> dict:
     """Build `image.index` (modality "image", from emb/img_*) or `text.index` (modality "text",
     from emb/txt_*) in an embedded index folder, and record what was built, its recall@10
@@ -475,6 +643,9 @@ def build_index(index_dir: str | Path, *, modality: str = "image", index_type: s
     queries are `queries` random indexed vectors; cross-modal ones are the other modality's
     embeddings of the same samples when the folder has them (built with --text), else held-out
     captions encoded with `model` (image index only; skipped without a model).
+
+    `on_disk`: see choose_index; on disk, the lists go to `<modality>.<token>.ivfdata` (a new
+    name per build, so a running service keeps reading the file it mapped).
     """
     if modality not in INDEX_FILES:
         raise ValueError(f"modality={modality!r}: expected one of {sorted(INDEX_FILES)}")
@@ -484,10 +655,20 @@ def build_index(index_dir: str | Path, *, modality: str = "image", index_type: s
     if not store.exists():
         raise FileNotFoundError(f"{index_dir}/emb has no complete set of {kind}_*.npy chunks"
                                 + (" (embed the captions with --text)" if kind == "txt" else ""))
-    choice = choose_index(store.n, store.dim, max_memory, index_type)
-    index, stats = train_and_add(choice.factory, store.dim, store.n, store.iter_chunks,
-                                 store.rows, seed=seed, progress=progress,
-                                 desc=f"{modality} index")
+    budget = parse_memory(max_memory)
+    choice = choose_index(store.n, store.dim, budget, index_type, on_disk)
+    stem = Path(INDEX_FILES[modality]).stem
+    ivfdata = None
+    if choice.on_disk:
+        index, stats = train_index(choice.factory, store.dim, store.n, store.rows, seed=seed)
+        ivfdata = index_dir / f"{stem}.{secrets.token_hex(4)}.ivfdata"
+        stats.update(add_on_disk(index, store.iter_chunks, store.n, ivfdata,
+                                 index_dir / f".{stem}.parts", budget, progress=progress,
+                                 desc=f"{modality} index"))
+    else:
+        index, stats = train_and_add(choice.factory, store.dim, store.n, store.iter_chunks,
+                                     store.rows, seed=seed, progress=progress,
+                                     desc=f"{modality} index")
 
     # query sets with their exact answers
     rng = np.random.default_rng(seed + 1)
@@ -513,12 +694,18 @@ def build_index(index_dir: str | Path, *, modality: str = "image", index_type: s
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(index, str(tmp))
     tmp.replace(path)
+    for old in index_dir.glob(f"{stem}.*.ivfdata"):  # earlier builds' lists
+        if ivfdata is None or old.name != ivfdata.name:
+            old.unlink()
     record = {"file": path.name, "count": int(index.ntotal), "dim": store.dim,
               "factory": choice.factory, "family": choice.name, "reason": choice.reason,
               "memory_estimate_bytes": choice.memory, "size_bytes": path.stat().st_size,
-              "max_memory_bytes": parse_memory(max_memory), "metric": "inner_product",
+              "max_memory_bytes": budget, "metric": "inner_product",
+              "storage": "disk" if ivfdata else "ram",
               "search_params": params, "tuning": curve, "target_recall": target_recall,
               "gpu": use_gpu(), **stats, **measured, **zero_shot}
+    if ivfdata:
+        record.update(ivfdata=ivfdata.name, ivfdata_bytes=ivfdata.stat().st_size)
     update_info(index_dir, {modality: record})
     return record
 

@@ -5,7 +5,8 @@
     query image -> model.encode_image /                        -> ids -> meta.sqlite rows
 
 `Searcher` is what `vlp search` and `vlp serve` use. The model directory is the one recorded
-when the index was built (build.json), unless another is given.
+when the index was built (build.json), unless another is given. Indexes are opened
+memory-mapped (index.open_index), the metadata stays in meta.sqlite.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from PIL import Image
 
 from vlp.data.transforms import to_pil_rgb
 from vlp.retrieval.embed import MIME, connect, read_settings
-from vlp.retrieval.index import INDEX_FILES, apply_parameters, read_info, to_gpu
+from vlp.retrieval.index import INDEX_FILES, apply_parameters, open_index, read_info, to_gpu
 
 MODES = ("image", "text")
 
@@ -62,8 +63,9 @@ class Searcher:
         self.info = read_info(self.index_dir)
         self.settings = read_settings(self.index_dir)
         self._model = model if model is not None and not isinstance(model, (str, Path)) else None
+        recorded = (self.settings.get("model") or {}).get("path")  # None: store_embeddings
         self._model_dir = Path(model) if isinstance(model, (str, Path)) else \
-            Path(self.settings["model"]["path"])
+            (Path(recorded) if recorded else None)
         self._device = device
         self._indexes: dict[str, faiss.Index] = {}
         self._lock = threading.Lock()
@@ -82,6 +84,10 @@ class Searcher:
                 if self._model is None:
                     import vlp
 
+                    if self._model_dir is None:
+                        raise ValueError(f"{self.index_dir} holds vectors stored without a "
+                                         "model: give one (--model DIR) to search it with "
+                                         "text or images")
                     self._model = vlp.load(self._model_dir, device=self._device)
         return self._model
 
@@ -93,8 +99,9 @@ class Searcher:
                              "not got: build it with `vlp index build --text`")
         with self._load_lock:
             if mode not in self._indexes:
-                index = faiss.read_index(str(self.index_dir / INDEX_FILES[mode]))
-                index = to_gpu(index)
+                # memory-mapped: pages come in as queries touch them (indexes larger than
+                # RAM; several services share one copy in the page cache)
+                index = to_gpu(open_index(self.index_dir, mode, self.info.get(mode)))
                 apply_parameters(index, self.info.get(mode, {}).get("search_params", ""))
                 self._indexes[mode] = index
         return self._indexes[mode]

@@ -1,4 +1,5 @@
-"""The search service: an HTTP JSON API and a web page over a `Searcher` (`vlp serve`).
+"""The HTTP services of `vlp serve`: what every service shares (`Service`, `Server`) and the
+search service over a `Searcher` (the demo of a fine-tuned model: vlp/retrieval/model_service.py).
 
     GET  /                     the search page (static/index.html)
     GET  /api/info             {"count", "dim", "modes", "max_k", "batching", ...}
@@ -12,6 +13,11 @@ Results: [{"rank", "key", "score", "caption", "thumbnail": "/thumb/KEY"}].
 An ASGI app (Starlette) served by uvicorn, what such services are deployed with: one event
 loop holds every connection, so a burst of clients waits in memory instead of in a 5-slot
 listen backlog. `create_app(searcher)` gives the app alone for another ASGI server.
+
+`Service` is the part every service shares (body reading and its limits, image uploads decoded
+under the pixel budget, JSON errors, the micro-batcher and its lifecycle, routing errors that
+name the API); `Server` serves any Service on a socket bound first. A service adds its routes
+and the function its batcher runs.
 
 Under load: the encoder and faiss run in one worker thread behind a micro-batching queue
 (`MicroBatcher`): whatever requests arrived while the previous batch ran go through the model
@@ -159,13 +165,13 @@ def parse_json_object(body: bytes) -> dict:
     return request
 
 
-def check_k(k) -> int:
+def check_k(k, limit: int = MAX_K, name: str = "k") -> int:
     """k from JSON (an int) or a query string (digits)."""
     if isinstance(k, str) and re.fullmatch(r"\s*[0-9]{1,4}\s*", k):
         k = int(k)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"k={_show(k)}: expected an integer from 1 to "
-                       f"{MAX_K}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= limit:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{name}={_show(k)}: expected an integer from 1 "
+                       f"to {limit}")
     return k
 
 
@@ -179,17 +185,17 @@ def check_mode(mode, searcher: Searcher) -> str:
     return mode
 
 
-def check_text(text) -> str:
+def check_text(text, name: str = "text") -> str:
     if not isinstance(text, str) or not text.strip():
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"'text' must be a non-empty string, got "
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"'{name}' must be a non-empty string, got "
                        f"{_show(text)}")
     if len(text) > MAX_QUERY_CHARS:
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"'text' has {len(text)} characters: at most "
-                       f"{MAX_QUERY_CHARS}")
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"'{name}' has {len(text)} characters: at "
+                       f"most {MAX_QUERY_CHARS}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # JSON's "\ud800" escapes decode to lone surrogates
-        raise ApiError(HTTPStatus.BAD_REQUEST, f"'text' has a lone surrogate "
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"'{name}' has a lone surrogate "
                        f"U+{ord(text[e.start]):04X} at character {e.start}: not valid Unicode "
                        "(a \\uD800-\\uDBFF escape must be followed by a \\uDC00-\\uDFFF "
                        "one)") from None
@@ -226,18 +232,46 @@ def not_an_image() -> ApiError:
                     "(JPEG, PNG, WebP...)")
 
 
-def multipart_image(body: bytes, content_type: str) -> bytes:
-    """The 'image' part (else the first file part) of a multipart/form-data body."""
+def multipart_image(body: bytes, content_type: str,
+                    fields: Sequence[str] = ()) -> tuple[bytes, dict[str, bytes]]:
+    """The 'image' part (else the first file part) of a multipart/form-data body, and the
+    parts named in `fields` that are present (their bytes)."""
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not message.is_multipart():
         raise ApiError(HTTPStatus.BAD_REQUEST, "malformed multipart/form-data body")
     parts = list(message.iter_parts())
+    named = {}
+    for part in parts:
+        name = part.get_param("name", header="content-disposition")
+        if name in fields and name not in named:
+            named[name] = part.get_payload(decode=True) or b""
     chosen = next((p for p in parts if p.get_param("name", header="content-disposition")
                    == "image"), None) or next((p for p in parts if p.get_filename()), None)
     if chosen is None:
         raise ApiError(HTTPStatus.BAD_REQUEST, "multipart body has no 'image' field")
-    return chosen.get_payload(decode=True) or b""
+    return chosen.get_payload(decode=True) or b"", named
+
+
+def read_upload(body: bytes, content_type: str,
+                fields: Sequence[str] = ()) -> tuple[Image.Image, dict[str, bytes]]:
+    """An image upload (the raw body, or multipart/form-data) opened lazily with its header
+    checked (`open_image`), and the multipart fields named in `fields` that are present."""
+    named: dict[str, bytes] = {}
+    if content_type.startswith("multipart/form-data"):
+        body, named = multipart_image(body, content_type, fields)
+    return open_image(body), named
+
+
+def decode_image(image: Image.Image) -> Image.Image:
+    """An opened upload's pixels, decoded (a truncated or corrupt body fails here: 415), as an
+    image of their own: the opened one keeps the whole upload's bytes for as long as it
+    lives, which may be until the model has used it."""
+    try:
+        image.load()
+    except Exception:  # noqa: BLE001 - PIL raises many types
+        raise not_an_image() from None
+    return image.copy()
 
 
 # --------------------------------------------------------------------------- load control
@@ -350,7 +384,7 @@ def json_response(status: int, obj, headers: dict | None = None) -> Response:
                     headers={"X-Content-Type-Options": "nosniff", **(headers or {})})
 
 
-def _endpoint(handler):
+def api_endpoint(handler):
     """ApiError -> its 4xx JSON; anything else -> a logged 500 JSON without a traceback."""
     @functools.wraps(handler)
     async def run(self, request: Request) -> Response:
@@ -367,24 +401,48 @@ def _endpoint(handler):
     return run
 
 
-class SearchService:
-    """The ASGI app (`.app`) over a Searcher, with its batcher and load limits."""
+def query_params(request: Request, valid: Sequence[str],
+                 keep_blank: bool = False) -> dict[str, list[str]]:
+    """The query string's parameters (each a list of values), only those in `valid`; values
+    must be valid percent-encoded UTF-8. `keep_blank`: keep `?name=` (else dropped)."""
+    try:
+        query = parse_qs(request.url.query, keep_blank_values=keep_blank, max_num_fields=16,
+                         errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "the query string is not valid UTF-8 "
+                       "(percent-encode text as UTF-8)") from None
+    except ValueError:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"too many query parameters; valid: "
+                       f"{', '.join(valid)}") from None
+    unknown = sorted(set(query) - set(valid))
+    if unknown:
+        shown = ", ".join(_show(u) for u in unknown[:5])
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown parameter(s) {shown}; valid: "
+                       f"{', '.join(valid) or 'none'}")
+    return query
 
-    def __init__(self, searcher: Searcher, *, body_timeout: float = BODY_TIMEOUT_S,
-                 max_batch: int = MAX_BATCH, max_queue: int = MAX_QUEUE):
-        self.searcher = searcher
+
+class Service:
+    """What every `vlp serve` service shares: the ASGI app (`.app`) with the page at `/`, a
+    micro-batcher in front of the model (`run(items) -> results`, started on the first
+    request, stopped with the app), bodies read within their limits, image uploads decoded
+    under the pixel budget, and JSON for every error, routing errors naming the API (`api`).
+    A service passes its own routes and `run`."""
+
+    def __init__(self, routes: Sequence[Route], run: Callable[[list], list], *, api: str,
+                 page: str, body_timeout: float = BODY_TIMEOUT_S, max_batch: int = MAX_BATCH,
+                 max_queue: int = MAX_QUEUE):
+        """`page`: a file of static/, sent for GET / and GET /<page>."""
+        self.api = api
         self.body_timeout = body_timeout
-        self.batcher = MicroBatcher(searcher.search_batch, max_batch, max_queue)
+        self.batcher = MicroBatcher(run, max_batch, max_queue)
         self.pixels = PixelBudget(DECODE_PIXEL_BUDGET)
         self.uploads = asyncio.Semaphore(MAX_UPLOADS)
-        self.page = (STATIC / "index.html").read_bytes()
+        self.page = (STATIC / page).read_bytes()
         self.app = Starlette(routes=[
-            Route("/", self.index_page, methods=["GET"]),
-            Route("/index.html", self.index_page, methods=["GET"]),
-            Route("/api/info", self.info, methods=["GET"]),
-            Route("/api/search", self.search_text, methods=["POST"]),
-            Route("/api/search/image", self.search_image, methods=["POST"]),
-            Route("/thumb/{key:path}", self.thumb, methods=["GET"]),
+            Route("/", self.page_response, methods=["GET"]),
+            Route(f"/{page}", self.page_response, methods=["GET"]),
+            *routes,
         ], exception_handlers={HTTPException: self.http_error}, lifespan=self._lifespan)
 
     @contextlib.asynccontextmanager
@@ -395,13 +453,17 @@ class SearchService:
     def close(self) -> None:
         self.batcher.close()
 
+    async def page_response(self, request: Request) -> Response:
+        return Response(self.page, media_type="text/html; charset=utf-8")
+
     async def http_error(self, request: Request, exc: HTTPException) -> Response:
         """Starlette's routing errors (no such path, wrong method) as JSON."""
         path = request.url.path
         if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
-            message = f"method {_show(request.method)} is not allowed on {_show(path)}; {API}"
+            message = (f"method {_show(request.method)} is not allowed on {_show(path)}; "
+                       f"{self.api}")
         elif exc.status_code == HTTPStatus.NOT_FOUND:
-            message = f"no such path {_show(path, 80)}; the API: {API}"
+            message = f"no such path {_show(path, 80)}; the API: {self.api}"
         else:
             message = str(exc.detail)
         return json_response(exc.status_code, {"error": message}, exc.headers)
@@ -432,11 +494,39 @@ class SearchService:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    # ------------------------------------------------------------------ endpoints
-    async def index_page(self, request: Request) -> Response:
-        return Response(self.page, media_type="text/html; charset=utf-8")
+    @contextlib.asynccontextmanager
+    async def image_upload(self, request: Request, fields: Sequence[str] = ()):
+        """-> (image, fields): the uploaded image (raw body or multipart field 'image'),
+        decoded, and the multipart fields named in `fields` that were sent (bytes). At most
+        MAX_UPLOADS bodies are read at once; the image's pixels hold their share of the
+        decoding budget until the `async with` block ends, so what a service keeps of the
+        decoded image (until its batch runs, say) stays within the budget too."""
+        content_type = request.headers.get("content-type", "")
+        async with contextlib.AsyncExitStack() as held:
+            async with self.uploads:
+                body = await self.read_body(request, MAX_IMAGE_BYTES)
+                image, named = await asyncio.to_thread(read_upload, body, content_type, fields)
+                await held.enter_async_context(self.pixels.take(image.width * image.height))
+                image = await asyncio.to_thread(decode_image, image)
+                del body
+            yield image, named
 
-    @_endpoint
+
+class SearchService(Service):
+    """The search API and page over a Searcher."""
+
+    def __init__(self, searcher: Searcher, **options):
+        """options: Service's (body_timeout, max_batch, max_queue)."""
+        self.searcher = searcher
+        super().__init__([
+            Route("/api/info", self.info, methods=["GET"]),
+            Route("/api/search", self.search_text, methods=["POST"]),
+            Route("/api/search/image", self.search_image, methods=["POST"]),
+            Route("/thumb/{key:path}", self.thumb, methods=["GET"]),
+        ], searcher.search_batch, api=API, page="index.html", **options)
+
+    # ------------------------------------------------------------------ endpoints
+    @api_endpoint
     async def info(self, request: Request) -> Response:
         s = self.searcher
         image = s.info.get("image", {})
@@ -451,7 +541,7 @@ class SearchService:
             {"rank": h.rank, "key": h.key, "score": round(h.score, 6), "caption": h.caption,
              "thumbnail": "/thumb/" + quote(h.key, safe="")} for h in hits]})
 
-    @_endpoint
+    @api_endpoint
     async def search_text(self, request: Request) -> Response:
         request_json = parse_json_object(await self.read_body(request, MAX_JSON_BYTES))
         text = check_text(request_json.get("text"))
@@ -459,42 +549,17 @@ class SearchService:
         mode = check_mode(request_json.get("mode", "image"), self.searcher)
         return self._results(await self.batcher.submit(Query(k, mode, text=text)))
 
-    @_endpoint
+    @api_endpoint
     async def search_image(self, request: Request) -> Response:
-        try:
-            query = parse_qs(request.url.query, max_num_fields=16)
-        except ValueError:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "too many query parameters; valid: k, "
-                           "mode") from None
-        unknown = sorted(set(query) - {"k", "mode"})
-        if unknown:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown parameter(s) "
-                           f"{', '.join(_show(u) for u in unknown[:5])}; valid: k, mode")
+        query = query_params(request, ("k", "mode"))
         k = check_k(query.get("k", ["10"])[-1])
         mode = check_mode(query.get("mode", ["image"])[-1], self.searcher)
-        content_type = request.headers.get("content-type", "")
-        async with self.uploads:
-            body = await self.read_body(request, MAX_IMAGE_BYTES)
-            image = await asyncio.to_thread(self._open, body, content_type)
-            async with self.pixels.take(image.width * image.height):
-                pixels = await asyncio.to_thread(self._prepare, image)
-            del body, image
+        async with self.image_upload(request) as (image, _):
+            pixels = await asyncio.to_thread(self.searcher.prepare_image, image)
+            del image
         return self._results(await self.batcher.submit(Query(k, mode, pixels=pixels)))
 
-    @staticmethod
-    def _open(body: bytes, content_type: str) -> Image.Image:
-        if content_type.startswith("multipart/form-data"):
-            body = multipart_image(body, content_type)
-        return open_image(body)
-
-    def _prepare(self, image: Image.Image):
-        try:
-            image.load()  # a truncated or corrupt body fails here
-        except Exception:  # noqa: BLE001 - PIL raises many types
-            raise not_an_image() from None
-        return self.searcher.prepare_image(image)
-
-    @_endpoint
+    @api_endpoint
     async def thumb(self, request: Request) -> Response:
         key = request.path_params["key"]
         try:
@@ -535,15 +600,13 @@ def bind(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
                         "(e.g. 127.0.0.1, or 0.0.0.0 for every interface) and --port") from None
 
 
-class SearchServer:
-    """uvicorn serving a SearchService on an already bound socket (so a port in use fails
-    before anything else starts). `serve_forever()` blocks; `shutdown()` from another thread
-    stops it; `server_close()` releases the socket and the encoder thread."""
+class Server:
+    """uvicorn serving a Service on an already bound socket (`bind`: so a port in use fails
+    before a model loads). `serve_forever()` blocks; `shutdown()` from another thread stops
+    it; `server_close()` releases the socket and the service's batcher thread."""
 
-    def __init__(self, searcher: Searcher, host: str = "127.0.0.1", port: int = 8000,
-                 **options):
-        self.socket = bind(host, port)
-        self.service = SearchService(searcher, **options)
+    def __init__(self, service: Service, sock: socket.socket):
+        self.socket, self.service = sock, service
         self.server_address = self.socket.getsockname()[:2]
         config = uvicorn.Config(self.service.app, log_config=None, log_level="warning",
                                 access_log=False, backlog=BACKLOG, timeout_keep_alive=5,
@@ -571,12 +634,27 @@ class SearchServer:
         self.service.close()
 
 
+class SearchServer(Server):
+    """The search service on (host, port)."""
+
+    def __init__(self, searcher: Searcher, host: str = "127.0.0.1", port: int = 8000,
+                 **options):
+        sock = bind(host, port)
+        try:
+            service = SearchService(searcher, **options)
+        except BaseException:
+            sock.close()
+            raise
+        super().__init__(service, sock)
+
+
 def make_server(searcher: Searcher, host: str = "127.0.0.1", port: int = 8000,
                 **options) -> SearchServer:
-    """A server bound to (host, port) (port 0: any free one; see `.url`); run it with
+    """A search server bound to (host, port) (port 0: any free one; see `.url`); run it with
     `serve_forever()`. BindError (an OSError) when the address cannot be bound."""
     return SearchServer(searcher, host, port, **options)
 
 
 __all__: Sequence[str] = ("ApiError", "BindError", "MicroBatcher", "SearchServer",
-                          "SearchService", "create_app", "make_server", "MAX_K")
+                          "SearchService", "Server", "Service", "api_endpoint", "bind",
+                          "create_app", "make_server", "MAX_K")

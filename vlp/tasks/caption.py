@@ -25,7 +25,8 @@ from vlp.data.jsonfiles import read_json
 from vlp.data.karpathy import read_karpathy
 from vlp.data.visual import collate_visual
 from vlp.eval.caption_metric import evaluate_captions, format_table, karpathy_references
-from vlp.models.heads.caption import CaptionHead, beam_search, caption_loss, greedy_search
+from vlp.models.heads.caption import CachedStep, CaptionHead, beam_search, caption_loss, \
+    greedy_search
 from vlp.models.device import resolve_device
 from vlp.models.joint import FinetunedModel, JointEncoder
 from vlp.tasks.common import FinetuneTask, RecordDataset, collate_items, load_finetuned_parts, \
@@ -73,13 +74,16 @@ def lm_inputs(tokenizer, captions: list[str], max_length: int
     return ids[:, :-1], mask[:, :-1], labels
 
 
-def caption_step(model: FinetunedModel, visual: dict):
+def caption_step(model: FinetunedModel, visual: dict, *, cached: bool = False):
     """(step function for the searches, number of images, device) for a collated batch of
     images; the visual tokens are computed here once per image and reused by every step and
-    beam (rows pick their image's)."""
+    beam (rows pick their image's). `cached`: a CachedStep (give the search its `reorder`),
+    which encodes one word a step; else each step encodes the whole word prefix."""
     backbone, head = model.backbone, model.head
     encoded = backbone.encode_visual(visual)
     first = next(iter(encoded.values()))
+    if cached:
+        return CachedStep(backbone, encoded), first.shape[0], first.device
 
     def step(tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         rows = {k: v[images] for k, v in encoded.items()}
@@ -90,12 +94,13 @@ def caption_step(model: FinetunedModel, visual: dict):
 
 @torch.no_grad()
 def generate(model: FinetunedModel, visual: dict, tokenizer, *, beam_size: int,
-             max_length: int, length_penalty: float = 1.0) -> list[str]:
-    """Captions of a collated batch of images (`visual`, on the model's device and dtype)."""
-    step, num_images, device = caption_step(model, visual)
+             max_length: int, length_penalty: float = 1.0, cached: bool = True) -> list[str]:
+    """Captions of a collated batch of images (`visual`, on the model's device and dtype).
+    `cached=False` re-encodes the word prefix at every step (the same captions, slower)."""
+    step, num_images, device = caption_step(model, visual, cached=cached)
     bos, eos, banned = special_ids(tokenizer)
     common = dict(bos_id=bos, eos_id=eos, max_length=max_length, banned_ids=banned,
-                  device=device)
+                  device=device, reorder=step.reorder if cached else None)
     if beam_size == 1:
         seqs = greedy_search(step, num_images, **common)
     else:

@@ -207,11 +207,8 @@ class RetrievalTask(FinetuneTask):
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size,
                                              num_workers=self.cfg.data.num_workers,
                                              collate_fn=partial(collate_items, key="index"))
-        tokens_per_image = towers.visual.embed.grid_size ** 2 + 1
-        width = towers.visual.cfg.width
         image_features = torch.zeros(len(records), towers.cfg.embed_dim)
-        image_tokens = torch.zeros(len(records), tokens_per_image, width, device=dev) \
-            if keep_tokens else None
+        image_tokens = None  # shaped from the first batch (a ViT's 1 + g*g, a Swin's grid)
         readable = 0
         for batch in tqdm(loader, desc=f"embed {split} images", unit="batch",
                           disable=not progress):
@@ -222,6 +219,9 @@ class RetrievalTask(FinetuneTask):
             image_features[index] = F.normalize(towers.visual.forward_head(tokens),
                                                 dim=-1).float().cpu()
             if keep_tokens:
+                if image_tokens is None:
+                    image_tokens = tokens.new_zeros((len(records), *tokens.shape[1:]),
+                                                    dtype=torch.float32)
                 image_tokens[index.to(dev)] = tokens.float()
             readable += len(index)
         captions = [(cid, text, i) for i, r in enumerate(records) for cid, text in r["captions"]]

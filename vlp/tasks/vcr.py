@@ -20,6 +20,7 @@ choice (the choice is what is scored).
 Evaluation scores the rationales given each of the 4 answers: the leaderboard CSV's 16
 `rationale_conditioned_on_a{i}_{j}` columns, 20 sequences a question
 (vcr.condition_on_each_answer=false: given the right answer only, JSON lines, 8 a question).
+The image is encoded once per question (its visual tokens shared by those sequences: VCRHead).
 VCR's test labels are hidden, so eval.split=test scores val.
 
 Objects. For region backbones (`objects_are_regions`) the objects ARE the visual regions: the

@@ -13,6 +13,9 @@ and starts from pretraining. The head therefore has no parameters of its own.
 Decoding: `greedy_search` and `beam_search` take a step-scoring callable
 `step(tokens (N, t), images (N,)) -> (N, V) next-token logits` (`tokens` start with [CLS];
 `images` says which image each row belongs to), so the searches are tested apart from any model.
+A step that keeps state per row (`CachedStep`: the backbone's key/value cache, so a step encodes
+one word instead of the whole prefix) also gets `reorder(index)` from the searches whenever
+they keep, drop or reorder rows between two calls.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ReorderFn = Callable[[torch.Tensor], None]
 
 
 class CaptionHead(nn.Module):
@@ -38,10 +42,43 @@ class CaptionHead(nn.Module):
         return {"logits": backbone.mlm_head(hidden)}
 
     def next_token_logits(self, backbone, tokens: torch.Tensor, visual: dict) -> torch.Tensor:
-        """tokens (N, t) with no padding -> (N, V) logits of token t+1. The whole prefix is
-        re-encoded each step (no key/value cache: see finetune/README.md)."""
+        """tokens (N, t) with no padding -> (N, V) logits of token t+1, the whole prefix
+        encoded (CachedStep encodes only the last word)."""
         hidden = backbone(tokens, torch.ones_like(tokens), visual, causal_text=True)
         return backbone.mlm_head(hidden[:, -1])
+
+
+class CachedStep:
+    """A step function for the searches that encodes only each row's newest word, against the
+    keys/values the backbone cached for the image's visual tokens and the earlier words
+    (`JointEncoder.start_decoding` / `decode_step`); pass `reorder=step.reorder` to the search.
+
+    `encoded`: the images' visual tokens (`backbone.encode_visual`), one row per image; the
+    first call gives each row its image's cache (`images`), later calls must extend the rows
+    the last call returned, as `reorder` left them."""
+
+    def __init__(self, backbone, encoded: dict):
+        self.backbone = backbone
+        self.prefix = backbone.start_decoding(encoded)  # one row per image
+        self.state = None  # one row per hypothesis, after the first call
+        self.rows = 0
+
+    def __call__(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        if self.state is None:
+            self.state, self.prefix = self.prefix.select(images), None
+            self.rows = len(images)
+        if len(tokens) != self.rows or tokens.shape[1] != self.state.position + 1:
+            raise ValueError(f"CachedStep holds {self.rows} rows of {self.state.position} "
+                             f"words but was given tokens {tuple(tokens.shape)}: the search "
+                             "must extend each row by one word and report kept rows by "
+                             "reorder(index)")
+        hidden = self.backbone.decode_step(tokens[:, -1:], self.state)  # (N, 1, W)
+        return self.backbone.mlm_head(hidden[:, -1])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """The next call's rows are this call's rows `index` (N',)."""
+        self.state.select(index)
+        self.rows = len(index)
 
 
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor,
@@ -63,10 +100,12 @@ def _scores(step: StepFn, tokens: torch.Tensor, images: torch.Tensor, banned: li
 
 def greedy_search(step: StepFn, num_images: int, *, bos_id: int, eos_id: int, max_length: int,
                   min_length: int = 1, banned_ids: Sequence[int] = (),
-                  device: torch.device | str = "cpu") -> list[list[int]]:
+                  device: torch.device | str = "cpu", reorder: ReorderFn | None = None
+                  ) -> list[list[int]]:
     """The most likely next token at each step. Returns each image's tokens, without [CLS] and
     without the final [SEP]; at most `max_length` tokens ([SEP] included), [SEP] only after
-    `min_length` tokens, never a `banned_ids` token."""
+    `min_length` tokens, never a `banned_ids` token. `reorder(index)` hears which rows go on
+    when some finish (see the module docstring)."""
     banned = sorted(set(banned_ids) - {eos_id})
     active = torch.arange(num_images, device=device)  # the images still being decoded
     tokens = torch.full((num_images, 1), bos_id, dtype=torch.long, device=device)
@@ -82,13 +121,15 @@ def greedy_search(step: StepFn, num_images: int, *, bos_id: int, eos_id: int, ma
         tokens, active = tokens[~done], active[~done]
         if not len(active):
             break
+        if reorder is not None and len(active) < len(done):
+            reorder((~done).nonzero().flatten())
     return out
 
 
 def beam_search(step: StepFn, num_images: int, *, bos_id: int, eos_id: int, beam_size: int,
                 max_length: int, length_penalty: float = 1.0, min_length: int = 1,
-                banned_ids: Sequence[int] = (), device: torch.device | str = "cpu"
-                ) -> list[list[int]]:
+                banned_ids: Sequence[int] = (), device: torch.device | str = "cpu",
+                reorder: ReorderFn | None = None) -> list[list[int]]:
     """Beam search, batched: the live beams of every unfinished image are rows of one call to
     `step` (image-major, `beam_size` rows each).
 
@@ -100,6 +141,7 @@ def beam_search(step: StepFn, num_images: int, *, bos_id: int, eos_id: int, beam
     are). The best finished hypothesis by score is returned (tokens without [CLS]/[SEP]).
     With beam_size=1 this is exactly `greedy_search`; with a beam wider than the number of
     possible prefixes it is the exhaustive optimum (tests/test_ft_caption.py checks both).
+    `reorder(index)` hears which rows each next step's rows extend (see the module docstring).
     """
     if beam_size < 1:
         raise ValueError(f"beam_size={beam_size} must be >= 1")
@@ -144,6 +186,8 @@ def beam_search(step: StepFn, num_images: int, *, bos_id: int, eos_id: int, beam
         if not keep_images:
             break
         index = torch.tensor(rows, device=device)
+        if reorder is not None:
+            reorder(index)
         tokens = torch.cat([tokens[index], torch.tensor(next_tokens, device=device)[:, None]], 1)
         scores = torch.tensor(next_scores, device=device).view(len(keep_images), K)
         active = keep_images

@@ -4,7 +4,9 @@ head: Linear-GELU-LayerNorm-Linear, here to one logit).
 
 A batch holds B items of G groups of C = 4 choice sequences each (training: G = 1, one Q->A or
 QA->R sample; evaluation: G = 5, the answers and the rationales given each answer). Every
-sequence sees the item's visual inputs, so those are repeated G * C times.
+sequence sees the item's image: its visual tokens (the vision tower's output, or the embedded
+regions) and the objects grounded words point at are computed once per item, then shared by
+its G * C sequences (their rows repeated), which the joint Transformer encodes one by one.
 """
 from __future__ import annotations
 
@@ -32,12 +34,15 @@ class VCRHead(nn.Module):
         b, g, c, length = input_ids.shape
         visual = dict(visual)
         boxes, box_mask = visual.pop("object_boxes", None), visual.pop("object_mask", None)
+        # once per item (the image is the same for its 4 answers and 16 rationales)
+        encoded = backbone.encode_visual(visual, objects=token_objects is not None,
+                                         object_boxes=boxes, object_mask=box_mask)
 
         def per_sequence(t):  # (B, ...) -> (B * G * C, ...), item-major like the reshape below
             return None if t is None else t.repeat_interleave(g * c, dim=0)
 
         hidden = backbone(input_ids.reshape(-1, length), attention_mask.reshape(-1, length),
-                          {k: per_sequence(v) for k, v in visual.items()},
+                          {k: per_sequence(v) for k, v in encoded.items()},
                           token_objects=None if token_objects is None
                           else token_objects.reshape(-1, length),
                           object_boxes=per_sequence(boxes), object_mask=per_sequence(box_mask))
