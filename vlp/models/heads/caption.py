@@ -223,7 +223,9 @@ def sample_search(step: StepFn, num_images: int, *, num_samples: int, bos_id: in
     out: list[list[int]] = [[] for _ in range(rows)]
     total = torch.zeros(rows, dtype=torch.float32, device=device)
     for t in range(1, max_length + 1):
-        logp = _scores(step, tokens, active, banned, eos_id, allow_eos=t > min_length)
+        # renormalised over the allowed tokens (_scores only blanks the others out)
+        logp = _scores(step, tokens, active, banned, eos_id, allow_eos=t > min_length
+                       ).log_softmax(dim=-1)
         nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (N,)
         total.index_add_(0, row_of, logp.gather(1, nxt[:, None]).squeeze(1))
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
