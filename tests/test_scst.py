@@ -132,6 +132,13 @@ def test_gradient_raises_the_better_sample():
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
 
 
+def test_leave_one_out_baseline():
+    from vlp.tasks.caption import leave_one_out_mean
+
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.5, 0.5])  # 2 images x 3 samples
+    assert leave_one_out_mean(r, 3).tolist() == [4.0, 3.5, 1.5, 0.5, 0.25, 0.25]
+
+
 def test_lm_sequences_layout():
     ids, mask, labels = lm_sequences([[5, 6], [7, 8, 9]], bos_id=BOS, eos_id=EOS, max_length=3)
     # a row of max_length tokens was cut: no [SEP] target
@@ -209,3 +216,34 @@ def test_init_caption_must_be_a_caption_model(ft_world, pretrained, tmp_path, ca
     code = main(["finetune", "caption", "--out", str(tmp_path / "y"), "--no-progress",
                  f"init_from={init}", f"data.synth_dir={ft_world}", "caption.scst_samples=0"])
     assert code != 0 and "caption.scst_samples=0 must be >= 1" in capsys.readouterr().err
+    code = main(["finetune", "caption", "--out", str(tmp_path / "z"), "--no-progress",
+                 f"init_from={init}", f"data.synth_dir={ft_world}", "caption.scst=true",
+                 "caption.scst_baseline=mean", "caption.scst_samples=1"])
+    assert code != 0 and "needs caption.scst_samples >= 2" in capsys.readouterr().err
+    code = main(["finetune", "caption", "--out", str(tmp_path / "w"), "--no-progress",
+                 f"init_from={init}", f"data.synth_dir={ft_world}", "caption.scst=true",
+                 "train.deepspeed=configs/deepspeed/zero3.json"])
+    err = capsys.readouterr().err
+    assert code != 0 and "use ZeRO stage 0-2" in err and "Traceback" not in err
+
+
+def test_scst_two_processes(ft_world, pretrained, tmp_path):
+    """2 processes (torchrun, gloo, ZeRO-2, bf16 autocast): each rank decodes and scores its own
+    images; the run trains and logs rewards averaged over the ranks."""
+    from launch import ROOT, run, train_log
+
+    out = tmp_path / "scst2"
+    run("torchrun", 2, ["finetune", "caption", "--out", str(out), "--no-progress",
+                        f"init_from={pretrained('regions')}", f"data.synth_dir={ft_world}",
+                        "train.steps=2", "train.batch_size=4", "train.threads=1",
+                        "train.save_every=0", "train.log_every=1", "train.precision=bf16",
+                        f"train.deepspeed={ROOT}/configs/deepspeed/zero2.json",
+                        "data.num_workers=0", "eval.at_end=false", "caption.max_length=8",
+                        "caption.scst=true", "caption.scst_samples=2"])
+    log = train_log(out)
+    assert [r["step"] for r in log] == [1, 2]
+    assert log[-1]["samples_seen"] == 2 * 2 * 4  # images: steps x ranks x batch
+    for r in log:
+        assert r["train_scst_reward"] == pytest.approx(r["train_sample_cider"] -
+                                                       r["train_greedy_cider"], abs=1e-3)
+    assert (out / "model" / "model.safetensors").is_file()

@@ -277,6 +277,9 @@ class CaptionTaskConfig:
     # minus the greedy caption's, instead of cross-entropy (vlp/tasks/caption.py)
     scst: bool = False
     scst_samples: int = 5  # captions sampled per training image and step
+    # the reward's baseline: the greedy caption's CIDEr-D (Rennie et al.), or the mean of the
+    # image's other samples' (Luo 2020, "a better variant of SCST"; needs scst_samples >= 2)
+    scst_baseline: Literal["greedy", "mean"] = "greedy"
     # a fine-tuned caption model directory (OUT/model of a caption run) whose weights the run
     # starts from, e.g. SCST from the cross-entropy model; init_from still names the pretrained
     # directory both came from (architecture, tokenizer, transform)
@@ -760,6 +763,9 @@ def _validate_finetune(cfg: FinetuneConfig) -> None:
     if cfg.caption.scst_samples < 1:
         raise ConfigError(f"caption.scst_samples={cfg.caption.scst_samples} must be >= 1 "
                           "(captions sampled per image for self-critical training)")
+    if cfg.caption.scst_baseline == "mean" and cfg.caption.scst_samples < 2:
+        raise ConfigError(f"caption.scst_baseline=mean averages the other samples' rewards: "
+                          f"it needs caption.scst_samples >= 2 (now {cfg.caption.scst_samples})")
 
 
 def to_dict(cfg: Any) -> dict:

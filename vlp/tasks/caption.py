@@ -17,7 +17,10 @@ an image; per step each image gets its greedy caption and `caption.scst_samples`
 references (vlp/eval/cider.py, document frequencies counted once over every training image's
 references: no Java in the loop); the loss is -(CIDEr-D(sample) - CIDEr-D(greedy)) times the
 sample's log-probability, recomputed with gradients in one teacher-forced pass through the
-engine, divided by the samples' tokens. Each process scores its own images' samples.
+engine, divided by the samples' tokens. `caption.scst_baseline=mean` takes the mean of the
+image's other samples' CIDEr-D instead of the greedy caption's (Luo 2020). Each process scores
+its own images' samples. ZeRO-3 is refused: decoding runs the model outside the engine's
+forward, where ZeRO-3's weights are partitioned.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from vlp.data.batch import Batch
 from vlp.data.jsonfiles import read_json
 from vlp.data.karpathy import read_karpathy
 from vlp.data.visual import collate_visual
+from vlp.engine import deepspeed_config
 from vlp.eval.caption_metric import evaluate_captions, format_table, karpathy_references
 from vlp.eval.cider import CiderD, simple_tokenize
 from vlp.models.heads.caption import CachedStep, CaptionHead, beam_search, caption_loss, \
@@ -141,6 +145,13 @@ def scst_decode(model: FinetunedModel, visual: dict, tokenizer, *, num_samples: 
     return greedy, samples
 
 
+def leave_one_out_mean(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """(N * K,) image-major rewards -> each one's baseline: the mean of its image's other K - 1
+    samples' rewards."""
+    per_image = rewards.view(-1, k)
+    return ((per_image.sum(1, keepdim=True) - per_image) / (k - 1)).view(-1)
+
+
 def _sampling_precision(engine):
     """The autocast the engine's forward runs under (DeepSpeed's torch_autocast for
     train.precision=bf16), for decoding outside it: samples drawn at the precision they are
@@ -176,6 +187,11 @@ class CaptionTask(FinetuneTask):
                              f"{list(TRAIN_SPLITS)}")
         self.constant = most_frequent_caption([c for im in train for c in im["captions"]])
         self.cider: CiderD | None = None
+        if c.scst and cfg.train.deepspeed and \
+                deepspeed_config.zero_stage(deepspeed_config.load(cfg.train.deepspeed)) == 3:
+            raise ConfigError(f"caption.scst=true with ZeRO-3 ({cfg.train.deepspeed}): SCST "
+                              "decodes with the model outside the engine's forward, where "
+                              "ZeRO-3's weights are partitioned; use ZeRO stage 0-2")
         if c.scst:
             # the reward's references and document frequencies: every training image's
             # captions, tokenized once (one document per image)
@@ -294,10 +310,6 @@ class CaptionTask(FinetuneTask):
 
     def scst_loss(self, engine, batch: Batch) -> tuple[torch.Tensor, list[float]]:
         """Self-critical loss of one micro-batch of images (see the module docstring)."""
-        if getattr(engine, "zero_stage", 0) == 3:
-            raise ConfigError("caption.scst=true decodes with the model outside the engine's "
-                              "forward, which ZeRO-3's partitioned weights do not allow; use "
-                              "ZeRO stage 0-2 (train.deepspeed)")
         c = self.cfg.caption
         dev, dtype = engine.device, engine.input_dtype
         visual = batch.visual(dev, dtype)
@@ -312,6 +324,8 @@ class CaptionTask(FinetuneTask):
             model.train()
         image_ids = batch.fields["image_id"]
         sample_cider, greedy_cider = self.rewards(image_ids, greedy, samples)
+        baseline = greedy_cider if c.scst_baseline == "greedy" else \
+            leave_one_out_mean(sample_cider, c.scst_samples)
         bos, eos, banned = special_ids(self.tokenizer)
         ids, mask, labels = lm_sequences(samples, bos_id=bos, eos_id=eos,
                                          max_length=c.max_length, pad_id=self.tokenizer.pad_id
@@ -321,9 +335,9 @@ class CaptionTask(FinetuneTask):
         out = engine(input_ids=ids.to(dev), attention_mask=mask.to(dev), visual=repeated,
                      labels=labels)
         logprobs = sequence_logprobs(out["logits"], labels, eos_id=eos, banned_ids=banned)
-        loss = scst_loss(logprobs, sample_cider.to(dev), greedy_cider.to(dev),
+        loss = scst_loss(logprobs, sample_cider.to(dev), baseline.to(dev),
                          (labels != -100).sum())
-        reward = (sample_cider - greedy_cider).mean().item()
+        reward = (sample_cider - baseline).mean().item()
         return loss, [100.0 * reward, 100.0 * sample_cider.mean().item(),
                       100.0 * greedy_cider.mean().item()]
 
