@@ -75,9 +75,10 @@ def test_equals_pycocoevalcap_per_image():
     assert ref[1] > 3 and ref[6] < ref[5] and ref[3] < 0.5
     dogs = [r.split() for r in refs[2]]
     assert cider.score("a dog a dog a dog".split(), dogs) < cider.score("a dog".split(), dogs)
-    # cached references (the training path) give the same score
-    assert cider.score(hyps[4].split(), key=4, references=[r.split() for r in refs[4]]) == \
-        cider.score(hyps[4].split(), key=4) == pytest.approx(ref[4], rel=1e-12)
+    # several candidates of one image at once (the training path) give the same scores
+    assert cider.scores([hyps[4].split(), hyps[5].split()], [r.split() for r in refs[4]]) == \
+        [cider.score(hyps[4].split(), [r.split() for r in refs[4]]),
+         cider.score(hyps[5].split(), [r.split() for r in refs[4]])]
 
 
 def test_fixed_corpus_equals_pycocoevalcap_over_the_corpus():

@@ -139,6 +139,36 @@ def test_leave_one_out_baseline():
     assert leave_one_out_mean(r, 3).tolist() == [4.0, 3.5, 1.5, 0.5, 0.25, 0.25]
 
 
+def test_rewards_score_each_sample_against_its_own_image():
+    from types import SimpleNamespace
+
+    from vlp.eval.cider import CiderD, simple_tokenize
+    from vlp.tasks.caption import CaptionTask
+    from vlp.tokenizer import train_tokenizer
+
+    refs = {7: ["a red circle", "one red circle on the left", "a circle that is red"],
+            9: ["two blue squares", "blue squares at the top", "a pair of blue squares"]}
+    tokenizer = train_tokenizer([c for cs in refs.values() for c in cs] * 20, vocab_size=80)
+    words = {i: [simple_tokenize(c) for c in cs] for i, cs in refs.items()}
+    task = SimpleNamespace(tokenizer=tokenizer, train_refs=words, cider=CiderD(words.values()))
+
+    def ids(text):
+        return [i for i in tokenizer.hf.encode(text, add_special_tokens=False).ids
+                if i != tokenizer.pad_id]
+
+    greedy = [ids("a red circle"), ids("a red circle")]  # image 9's greedy caption is wrong
+    samples = [ids("a circle"), ids("red circle on the left"),  # image 7
+               ids("two blue squares"), ids("blue circle")]  # image 9
+    sample_cider, greedy_cider = CaptionTask.rewards(task, [7, 9], greedy, samples)
+    expect = [task.cider.score(simple_tokenize(t), words[i]) for t, i in
+              [("a circle", 7), ("red circle on the left", 7), ("two blue squares", 9),
+               ("blue circle", 9)]]
+    assert sample_cider.tolist() == pytest.approx(expect, rel=1e-6)
+    g7, g9 = (task.cider.score(["a", "red", "circle"], words[i]) for i in (7, 9))
+    assert greedy_cider.tolist() == pytest.approx([g7, g7, g9, g9], rel=1e-6)
+    assert sample_cider[2] > greedy_cider[2] and g7 > g9
+
+
 def test_lm_sequences_layout():
     ids, mask, labels = lm_sequences([[5, 6], [7, 8, 9]], bos_id=BOS, eos_id=EOS, max_length=3)
     # a row of max_length tokens was cut: no [SEP] target

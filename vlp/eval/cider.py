@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Hashable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 Ngrams = Counter  # n-gram tuple -> count
 
@@ -52,8 +52,7 @@ class CiderD:
 
     corpus: reference sets, one per image, each a list of token lists; every image is one
     document. `score(candidate, references)` then scores a token list against one image's
-    token lists, `score_many` many at once (each image's reference vectors computed once per
-    key and cached)."""
+    token lists, `scores` several candidates of the same image."""
 
     def __init__(self, corpus: Iterable[Sequence[Sequence[str]]], n: int = 4,
                  sigma: float = 6.0):
@@ -67,7 +66,6 @@ class CiderD:
             raise ValueError("CiderD needs at least one reference set for its document "
                              "frequencies")
         self.ref_len = math.log(float(documents))  # log(#documents): the idf's numerator
-        self._refs: dict[Hashable, list] = {}
 
     def _vector(self, counts: Ngrams) -> tuple[list[dict], list[float], int]:
         """(tf-idf weights per n, their norms per n, length = number of bigrams)."""
@@ -99,34 +97,20 @@ class CiderD:
             total += val * penalty
         return total
 
-    def reference_vectors(self, references: Sequence[Sequence[str]], key: Hashable = None
-                          ) -> list:
-        """The references' vectors; with `key`, computed once and cached under it."""
-        if key is not None and key in self._refs:
-            return self._refs[key]
+    def score(self, candidate: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+        """CIDEr-D (0..10 scale, as pycocoevalcap's per-image scores) of `candidate` against
+        one image's `references` (token lists)."""
+        return self.scores([candidate], references)[0]
+
+    def scores(self, candidates: Sequence[Sequence[str]],
+               references: Sequence[Sequence[str]]) -> list[float]:
+        """score() of each of `candidates` against the same image's `references`, whose
+        vectors are computed once (an image's greedy caption and its samples)."""
         if not references:
             raise ValueError("CIDEr-D needs at least one reference caption")
-        vectors = [self._vector(ngram_counts(r, self.n)) for r in references]
-        if key is not None:
-            self._refs[key] = vectors
-        return vectors
-
-    def score(self, candidate: Sequence[str], references: Sequence[Sequence[str]] = (),
-              key: Hashable = None) -> float:
-        """CIDEr-D (0..10 scale, as pycocoevalcap's per-image scores) of `candidate` against
-        `references` (or the ones cached under `key`)."""
-        refs = self.reference_vectors(references, key)
-        hyp = self._vector(ngram_counts(candidate, self.n))
-        return 10.0 * sum(self._sim(hyp, r) for r in refs) / (self.n * len(refs))
-
-    def score_many(self, candidates: Sequence[Sequence[str]],
-                   references: Sequence[Sequence[Sequence[str]]] | None = None,
-                   keys: Sequence[Hashable] | None = None) -> list[float]:
-        """score() of candidates[i] against references[i] (or the set cached under keys[i])."""
-        if references is None and keys is None:
-            raise ValueError("score_many needs references or keys")
+        refs = [self._vector(ngram_counts(r, self.n)) for r in references]
         out = []
-        for i, cand in enumerate(candidates):
-            out.append(self.score(cand, references[i] if references is not None else (),
-                                  keys[i] if keys is not None else None))
+        for candidate in candidates:
+            hyp = self._vector(ngram_counts(candidate, self.n))
+            out.append(10.0 * sum(self._sim(hyp, r) for r in refs) / (self.n * len(refs)))
         return out

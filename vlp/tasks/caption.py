@@ -296,17 +296,15 @@ class CaptionTask(FinetuneTask):
         """(CIDEr-D of each sample, of its image's greedy caption), (N * K,) each, 0..10
         scale, against the image's training references."""
         k = len(samples) // len(greedy)
-
-        def words(seq):
-            return simple_tokenize(self.tokenizer.decode(seq))
-
-        refs = [self.train_refs[i] for i in image_ids]
-        greedy_cider = [self.cider.score(words(g), r, key=i)
-                        for g, r, i in zip(greedy, refs, image_ids)]
-        sample_cider = [self.cider.score(words(s), refs[j // k], key=image_ids[j // k])
-                        for j, s in enumerate(samples)]
+        sample_cider, greedy_cider = [], []
+        for n, image_id in enumerate(image_ids):
+            captions = [greedy[n], *samples[n * k:(n + 1) * k]]
+            scores = self.cider.scores([simple_tokenize(self.tokenizer.decode(c))
+                                        for c in captions], self.train_refs[image_id])
+            greedy_cider += [scores[0]] * k
+            sample_cider += scores[1:]
         return (torch.tensor(sample_cider, dtype=torch.float32),
-                torch.tensor(greedy_cider, dtype=torch.float32).repeat_interleave(k))
+                torch.tensor(greedy_cider, dtype=torch.float32))
 
     def scst_loss(self, engine, batch: Batch) -> tuple[torch.Tensor, list[float]]:
         """Self-critical loss of one micro-batch of images (see the module docstring)."""
