@@ -207,7 +207,8 @@ class CaptionTask(FinetuneTask):
         return self.images_dir / record["filepath"] / record["filename"]
 
     def records(self, split: str) -> list[dict]:
-        """train: one record per caption of train + restval; val/test: one per image."""
+        """train: one record per caption of train + restval (SCST: one per image); val/test:
+        one per image."""
         if split == "train" and self.cfg.caption.scst:  # SCST: one sample per image
             return [im for im in self.images if im["split"] in TRAIN_SPLITS]
         if split == "train":
@@ -251,7 +252,8 @@ class CaptionTask(FinetuneTask):
         if c.init_caption:
             text += f", weights of {c.init_caption}"
         if c.scst:
-            text += f", self-critical (CIDEr-D, {c.scst_samples} samples per image)"
+            text += (f", self-critical (CIDEr-D, {c.scst_samples} samples per image, "
+                     f"{c.scst_baseline} baseline)")
         return text
 
     def build_model(self, pretrained: bool = True) -> FinetunedModel:
