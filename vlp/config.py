@@ -273,6 +273,17 @@ class CaptionTaskConfig:
     beam_size: int = 3  # 1: greedy
     length_penalty: float = 1.0  # beam scores are divided by length ** length_penalty
     label_smoothing: float = 0.1
+    # self-critical sequence training (Rennie et al. 2017): reward CIDEr-D of sampled captions
+    # minus the greedy caption's, instead of cross-entropy (vlp/tasks/caption.py)
+    scst: bool = False
+    scst_samples: int = 5  # captions sampled per training image and step
+    # the reward's baseline: the greedy caption's CIDEr-D (Rennie et al.), or the mean of the
+    # image's other samples' (Luo 2020, "a better variant of SCST"; needs scst_samples >= 2)
+    scst_baseline: Literal["greedy", "mean"] = "greedy"
+    # a fine-tuned caption model directory (OUT/model of a caption run) whose weights the run
+    # starts from, e.g. SCST from the cross-entropy model; init_from still names the pretrained
+    # directory both came from (architecture, tokenizer, transform)
+    init_caption: str = ""
 
 
 @dataclass
@@ -749,6 +760,12 @@ def _validate_finetune(cfg: FinetuneConfig) -> None:
     if not 0.0 <= cfg.caption.label_smoothing < 1.0:
         raise ConfigError(f"caption.label_smoothing={cfg.caption.label_smoothing} must be within "
                           "[0, 1)")
+    if cfg.caption.scst_samples < 1:
+        raise ConfigError(f"caption.scst_samples={cfg.caption.scst_samples} must be >= 1 "
+                          "(captions sampled per image for self-critical training)")
+    if cfg.caption.scst_baseline == "mean" and cfg.caption.scst_samples < 2:
+        raise ConfigError(f"caption.scst_baseline=mean averages the other samples' rewards: "
+                          f"it needs caption.scst_samples >= 2 (now {cfg.caption.scst_samples})")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,9 +9,22 @@ OUT/caption_<split>_results.json. References: caption.annotations (a COCO captio
 captions_val2014.json) when set, else the split's own sentences in dataset_coco.json. The
 baseline beside the scores (`caption_constant_*`): the most frequent training caption given to
 every image, scored the same way.
+
+Self-critical sequence training (`caption.scst=true`, Rennie et al. 2017), usually from a
+cross-entropy model (`caption.init_caption=OUT/model` of a caption run): a training sample is
+an image; per step each image gets its greedy caption and `caption.scst_samples` sampled ones
+(no gradients, the key/value cache), each scored by CIDEr-D against the image's training
+references (vlp/eval/cider.py, document frequencies counted once over every training image's
+references: no Java in the loop); the loss is -(CIDEr-D(sample) - CIDEr-D(greedy)) times the
+sample's log-probability, recomputed with gradients in one teacher-forced pass through the
+engine, divided by the samples' tokens. `caption.scst_baseline=mean` takes the mean of the
+image's other samples' CIDEr-D instead of the greedy caption's (Luo 2020). Each process scores
+its own images' samples. ZeRO-3 is refused: decoding runs the model outside the engine's
+forward, where ZeRO-3's weights are partitioned.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -19,14 +32,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vlp import modeldir
 from vlp.config import ConfigError, FinetuneConfig
 from vlp.data.batch import Batch
 from vlp.data.jsonfiles import read_json
 from vlp.data.karpathy import read_karpathy
 from vlp.data.visual import collate_visual
+from vlp.engine import deepspeed_config
 from vlp.eval.caption_metric import evaluate_captions, format_table, karpathy_references
+from vlp.eval.cider import CiderD, simple_tokenize
 from vlp.models.heads.caption import CachedStep, CaptionHead, beam_search, caption_loss, \
-    greedy_search
+    greedy_search, lm_sequences, sample_search, scst_loss, sequence_logprobs
 from vlp.models.device import resolve_device
 from vlp.models.joint import FinetunedModel, JointEncoder
 from vlp.tasks.common import FinetuneTask, RecordDataset, collate_items, load_finetuned_parts, \
@@ -109,6 +125,43 @@ def generate(model: FinetunedModel, visual: dict, tokenizer, *, beam_size: int,
     return [tokenizer.decode(s).strip() for s in seqs]
 
 
+@torch.no_grad()
+def scst_decode(model: FinetunedModel, visual: dict, tokenizer, *, num_samples: int,
+                max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(each image's greedy tokens, `num_samples` sampled token rows per image, image-major)
+    for a collated batch of images, both decoded with the key/value cache from visual tokens
+    encoded once."""
+    backbone = model.backbone
+    encoded = backbone.encode_visual(visual)
+    first = next(iter(encoded.values()))
+    n, device = first.shape[0], first.device
+    bos, eos, banned = special_ids(tokenizer)
+    common = dict(bos_id=bos, eos_id=eos, max_length=max_length, banned_ids=banned,
+                  device=device)
+    step = CachedStep(backbone, encoded)
+    greedy = greedy_search(step, n, reorder=step.reorder, **common)
+    step = CachedStep(backbone, encoded)
+    samples, _ = sample_search(step, n, num_samples=num_samples, reorder=step.reorder, **common)
+    return greedy, samples
+
+
+def leave_one_out_mean(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """(N * K,) image-major rewards -> each one's baseline: the mean of its image's other K - 1
+    samples' rewards."""
+    per_image = rewards.view(-1, k)
+    return ((per_image.sum(1, keepdim=True) - per_image) / (k - 1)).view(-1)
+
+
+def _sampling_precision(engine):
+    """The autocast the engine's forward runs under (DeepSpeed's torch_autocast for
+    train.precision=bf16), for decoding outside it: samples drawn at the precision they are
+    scored at."""
+    autocast = (getattr(engine, "config", None) or {}).get("torch_autocast") or {}
+    if autocast.get("enabled") is True:
+        return torch.autocast(torch.device(engine.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class CaptionTask(FinetuneTask):
     name = "caption"
     metric_names = ("train_token_acc",)
@@ -133,13 +186,31 @@ class CaptionTask(FinetuneTask):
             raise ValueError(f"{self.karpathy}: no images in the training splits "
                              f"{list(TRAIN_SPLITS)}")
         self.constant = most_frequent_caption([c for im in train for c in im["captions"]])
+        self.cider: CiderD | None = None
+        if c.scst and cfg.train.deepspeed and \
+                deepspeed_config.zero_stage(deepspeed_config.load(cfg.train.deepspeed)) == 3:
+            raise ConfigError(f"caption.scst=true with ZeRO-3 ({cfg.train.deepspeed}): SCST "
+                              "decodes with the model outside the engine's forward, where "
+                              "ZeRO-3's weights are partitioned; use ZeRO stage 0-2")
+        if c.scst:
+            # the reward's references and document frequencies: every training image's
+            # captions, tokenized once (one document per image)
+            self.train_refs = {im["image_id"]: [simple_tokenize(t) for t in im["captions"]]
+                               for im in train}
+            self.cider = CiderD(self.train_refs.values())
+            # logged per step (x100, as the CIDEr the evaluation reports)
+            self.metric_names = ("train_scst_reward", "train_sample_cider",
+                                 "train_greedy_cider")
 
     # ------------------------------------------------------------------ data
     def image_path(self, record: dict) -> Path:
         return self.images_dir / record["filepath"] / record["filename"]
 
     def records(self, split: str) -> list[dict]:
-        """train: one record per caption of train + restval; val/test: one per image."""
+        """train: one record per caption of train + restval (SCST: one per image); val/test:
+        one per image."""
+        if split == "train" and self.cfg.caption.scst:  # SCST: one sample per image
+            return [im for im in self.images if im["split"] in TRAIN_SPLITS]
         if split == "train":
             return [{**im, "caption": c} for im in self.images if im["split"] in TRAIN_SPLITS
                     for c in im["captions"]]
@@ -155,7 +226,7 @@ class CaptionTask(FinetuneTask):
         self.reader.check_files(sorted({self.image_path(r) for r in records}),
                                 f"caption {split} images ({self.images_dir}/<filepath>/"
                                 f"<filename>)")
-        if split == "train":
+        if split == "train" and not self.cfg.caption.scst:
             def item(record, visual):
                 return {"visual": visual, "image_id": record["image_id"],
                         "caption": record["caption"]}
@@ -175,7 +246,42 @@ class CaptionTask(FinetuneTask):
     def make_head(self, encoder: JointEncoder) -> CaptionHead:
         return CaptionHead()
 
+    def describe(self) -> str:
+        c = self.cfg.caption
+        text = super().describe()
+        if c.init_caption:
+            text += f", weights of {c.init_caption}"
+        if c.scst:
+            text += (f", self-critical (CIDEr-D, {c.scst_samples} samples per image, "
+                     f"{c.scst_baseline} baseline)")
+        return text
+
+    def build_model(self, pretrained: bool = True) -> FinetunedModel:
+        """caption.init_caption: the starting weights are that caption model's (checked to
+        have this run's backbone and vocabulary)."""
+        model = super().build_model(pretrained)
+        path = self.cfg.caption.init_caption
+        if not (pretrained and path):
+            return model
+        folder = modeldir.read(path, ("finetuned",))
+        task = folder.config.get("task")
+        if task != "caption":
+            raise ConfigError(f"caption.init_caption={path}: a fine-tuned {task!r} model; "
+                              "name the OUT/model of a caption run")
+        if json.dumps(folder.config.get("backbone"), sort_keys=True) != \
+                json.dumps(self.spec, sort_keys=True):
+            raise ConfigError(f"caption.init_caption={path}: its backbone differs from "
+                              f"init_from={self.cfg.init_from}'s; set init_from to the "
+                              "pretrained directory that caption model was fine-tuned from")
+        if folder.tokenizer().hf.get_vocab() != self.tokenizer.hf.get_vocab():
+            raise ConfigError(f"caption.init_caption={path}: its vocabulary differs from "
+                              f"init_from={self.cfg.init_from}'s")
+        modeldir.load_weights(model, folder.weights(), str(folder.path / modeldir.WEIGHTS))
+        return model
+
     def loss(self, engine, batch: Batch) -> tuple[torch.Tensor, list[float]]:
+        if self.cfg.caption.scst:
+            return self.scst_loss(engine, batch)
         dev, dtype = engine.device, engine.input_dtype
         labels = batch.fields["labels"].to(dev)
         out = engine(input_ids=batch.input_ids.to(dev),
@@ -186,6 +292,54 @@ class CaptionTask(FinetuneTask):
         with torch.no_grad():
             acc = (out["logits"].argmax(-1) == targets).float().mean().item()
         return loss, [100.0 * acc]
+
+    def rewards(self, image_ids: list, greedy: list[list[int]], samples: list[list[int]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CIDEr-D of each sample, of its image's greedy caption), (N * K,) each, 0..10
+        scale, against the image's training references."""
+        k = len(samples) // len(greedy)
+        sample_cider, greedy_cider = [], []
+        for n, image_id in enumerate(image_ids):
+            captions = [greedy[n], *samples[n * k:(n + 1) * k]]
+            scores = self.cider.scores([simple_tokenize(self.tokenizer.decode(c))
+                                        for c in captions], self.train_refs[image_id])
+            greedy_cider += [scores[0]] * k
+            sample_cider += scores[1:]
+        return (torch.tensor(sample_cider, dtype=torch.float32),
+                torch.tensor(greedy_cider, dtype=torch.float32))
+
+    def scst_loss(self, engine, batch: Batch) -> tuple[torch.Tensor, list[float]]:
+        """Self-critical loss of one micro-batch of images (see the module docstring)."""
+        c = self.cfg.caption
+        dev, dtype = engine.device, engine.input_dtype
+        visual = batch.visual(dev, dtype)
+        model = engine.module
+        model.eval()  # decoding as evaluation does (the model has no dropout: same weights)
+        try:
+            with _sampling_precision(engine):
+                greedy, samples = scst_decode(model, visual, self.tokenizer,
+                                              num_samples=c.scst_samples,
+                                              max_length=c.max_length)
+        finally:
+            model.train()
+        image_ids = batch.fields["image_id"]
+        sample_cider, greedy_cider = self.rewards(image_ids, greedy, samples)
+        baseline = greedy_cider if c.scst_baseline == "greedy" else \
+            leave_one_out_mean(sample_cider, c.scst_samples)
+        bos, eos, banned = special_ids(self.tokenizer)
+        ids, mask, labels = lm_sequences(samples, bos_id=bos, eos_id=eos,
+                                         max_length=c.max_length, pad_id=self.tokenizer.pad_id
+                                         if self.tokenizer.pad_id is not None else 0)
+        labels = labels.to(dev)
+        repeated = {k: v.repeat_interleave(c.scst_samples, 0) for k, v in visual.items()}
+        out = engine(input_ids=ids.to(dev), attention_mask=mask.to(dev), visual=repeated,
+                     labels=labels)
+        logprobs = sequence_logprobs(out["logits"], labels, eos_id=eos, banned_ids=banned)
+        loss = scst_loss(logprobs, sample_cider.to(dev), baseline.to(dev),
+                         (labels != -100).sum())
+        reward = (sample_cider - baseline).mean().item()
+        return loss, [100.0 * reward, 100.0 * sample_cider.mean().item(),
+                      100.0 * greedy_cider.mean().item()]
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

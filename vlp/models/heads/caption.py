@@ -196,3 +196,96 @@ def beam_search(step: StepFn, num_images: int, *, bos_id: int, eos_id: int, beam
         best = max(hyps, key=lambda h: h[0]) if hyps else (-math.inf, [])
         out.append(best[1])
     return out
+
+
+def sample_search(step: StepFn, num_images: int, *, num_samples: int, bos_id: int, eos_id: int,
+                  max_length: int, min_length: int = 1, banned_ids: Sequence[int] = (),
+                  device: torch.device | str = "cpu", reorder: ReorderFn | None = None,
+                  generator: torch.Generator | None = None
+                  ) -> tuple[list[list[int]], torch.Tensor]:
+    """`num_samples` captions per image drawn token by token from the model's distribution
+    (multinomial, temperature 1), for self-critical training (Rennie et al. 2017): the same
+    rules as `greedy_search` (no banned token, [SEP] only after `min_length` tokens, at most
+    `max_length` tokens), each token drawn from the distribution `_scores` gives (banned
+    tokens removed, renormalised). Rows are image-major: sample j of image i is row
+    i * num_samples + j, and the first call's `images` tell a CachedStep which image each row
+    starts from. Returns (tokens per row without [CLS] and the final [SEP]: shorter than
+    `max_length` exactly when the row ended with [SEP]; (rows,) float summed log-probability of
+    each row's drawn tokens, [SEP] included) - what `sequence_logprobs` recomputes with
+    gradients. `generator`: the random source (default torch's global one)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    banned = sorted(set(banned_ids) - {eos_id})
+    rows = num_images * num_samples
+    active = torch.arange(num_images, device=device).repeat_interleave(num_samples)  # images
+    row_of = torch.arange(rows, device=device)  # the output row of each live row
+    tokens = torch.full((rows, 1), bos_id, dtype=torch.long, device=device)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    total = torch.zeros(rows, dtype=torch.float32, device=device)
+    for t in range(1, max_length + 1):
+        # renormalised over the allowed tokens (_scores only blanks the others out)
+        logp = _scores(step, tokens, active, banned, eos_id, allow_eos=t > min_length
+                       ).log_softmax(dim=-1)
+        nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (N,)
+        total.index_add_(0, row_of, logp.gather(1, nxt[:, None]).squeeze(1))
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done = (nxt == eos_id) | (t == max_length)
+        for r in done.nonzero().flatten().tolist():
+            seq = tokens[r, 1:].tolist()
+            out[int(row_of[r])] = seq[:-1] if seq[-1] == eos_id else seq
+        keep = ~done
+        tokens, active, row_of = tokens[keep], active[keep], row_of[keep]
+        if not len(active):
+            break
+        if reorder is not None and len(active) < len(done):
+            reorder(keep.nonzero().flatten())
+    return out, total
+
+
+def lm_sequences(seqs: Sequence[Sequence[int]], *, bos_id: int, eos_id: int, max_length: int,
+                 pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decoded token rows (as the searches return them) -> (input_ids, attention_mask, labels),
+    each (N, L), for scoring them in one teacher-forced pass: inputs `[CLS] w1 .. wn`, targets
+    `w1 .. wn [SEP]` (no [SEP] for a row of `max_length` tokens: it was cut, not ended), the
+    training batches' layout (vlp/tasks/caption.py `lm_inputs`); pads -100."""
+    fulls = [[bos_id, *s] + ([eos_id] if len(s) < max_length else []) for s in seqs]
+    width = max(len(f) for f in fulls) - 1
+    ids = torch.full((len(fulls), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(fulls), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(fulls), width), dtype=torch.long)
+    for i, f in enumerate(fulls):
+        n = len(f) - 1
+        ids[i, :n] = torch.tensor(f[:-1])
+        labels[i, :n] = torch.tensor(f[1:])
+        mask[i, :n] = 1
+    return ids, mask, labels
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, eos_id: int,
+                      banned_ids: Sequence[int] = (), min_length: int = 1) -> torch.Tensor:
+    """Summed log-probability of each row's targets under the sampling distribution of
+    `sample_search` (banned tokens, and [SEP] before `min_length` tokens, removed and the rest
+    renormalised), with gradients. logits (M, V): the head's at labels != -100 (row-major);
+    labels (N, L) -> (N,) float."""
+    where = (labels != -100).nonzero()  # (M, 2): row, position
+    logits = logits.float()
+    blocked = torch.zeros_like(logits, dtype=torch.bool)
+    banned = sorted(set(banned_ids) - {eos_id})
+    if banned:
+        blocked[:, banned] = True
+    blocked[where[:, 1] < min_length, eos_id] = True
+    logp = F.log_softmax(logits.masked_fill(blocked, float("-inf")), dim=-1)
+    targets = labels[labels != -100]
+    token_logp = logp.gather(1, targets[:, None]).squeeze(1)  # (M,)
+    return torch.zeros(labels.shape[0], dtype=token_logp.dtype,
+                       device=token_logp.device).index_add(0, where[:, 0], token_logp)
+
+
+def scst_loss(logprobs: torch.Tensor, rewards: torch.Tensor, baselines: torch.Tensor,
+              num_tokens: torch.Tensor | int) -> torch.Tensor:
+    """Self-critical policy gradient (Rennie et al. 2017, eq. 8-9): -(r(w^s) - b) log p(w^s),
+    summed over the samples and divided by their total tokens ([SEP] included), as
+    self-critical.pytorch's RewardCriterion normalises. logprobs (N,): each sample's summed
+    token log-probabilities (`sequence_logprobs`); rewards/baselines (N,) constants."""
+    advantage = (rewards - baselines).to(logprobs)
+    return -(advantage.detach() * logprobs).sum() / num_tokens
