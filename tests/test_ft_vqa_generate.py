@@ -158,6 +158,7 @@ def test_generate_produces_an_answer_outside_the_training_vocabulary(ft_world, p
 
 
 # ------------------------------------------------------------------ against plain forwards
+@torch.no_grad()
 def plain_log_likelihood(model, visual_row, question_ids, answer_ids):
     """Summed log-probability of answer_ids after [CLS] q [SEP], one uncached forward."""
     seq = torch.cat([question_ids, answer_ids])[None]
@@ -207,8 +208,9 @@ def test_rank_and_generate_match_plain_forwards(ft_world, pretrained, family):
         answer = []
         for t in range(4):
             x = torch.tensor([seq + answer])
-            logits = model.backbone.mlm_head(model.backbone(x, torch.ones_like(x), row,
-                                                            causal_text=True)[0, -1]).float()
+            with torch.no_grad():
+                logits = model.backbone.mlm_head(model.backbone(
+                    x, torch.ones_like(x), row, causal_text=True)[0, -1]).float()
             logits[sorted(special - {None})] = float("-inf")
             if t == 0:
                 logits[task.tokenizer.sep_id] = float("-inf")  # at least one word
