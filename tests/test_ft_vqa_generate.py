@@ -11,6 +11,7 @@ import vlp
 from vlp.cli import main
 from vlp.config import ConfigError, FinetuneConfig, load_config
 from vlp.engine.setup import benchmark_root
+from vlp.models.heads.caption import beam_search
 from vlp.models.heads.vqa import answer_lm_loss
 from vlp.models.joint import JointEncoder
 from vlp.eval.vqa_metric import normalize_answer
@@ -219,3 +220,21 @@ def test_rank_and_generate_match_plain_forwards(ft_world, pretrained, family):
                 break
             answer.append(nxt)
         assert got[i] == task.tokenizer.decode(answer).strip()
+    # cached beam search == the same search over uncached steps (plain forwards), per question
+    beams = generate_answers(model, visual, ids, mask, task.tokenizer, max_length=4,
+                             beam_size=3)
+    for i in range(len(batch)):
+        row = {k: v[i:i + 1] for k, v in visual.items()}
+        q = ids[i:i + 1, :int(mask[i].sum())]
+
+        def step(tokens, images):
+            x = torch.cat([q.expand(len(tokens), -1), tokens[:, 1:]], dim=1)
+            rows = {k: v.expand(len(tokens), *v.shape[1:]) for k, v in row.items()}
+            with torch.no_grad():
+                hidden = model.backbone(x, torch.ones_like(x), rows, causal_text=True)
+            return model.backbone.mlm_head(hidden[:, -1])
+
+        seq = beam_search(step, 1, bos_id=task.tokenizer.sep_id, eos_id=task.tokenizer.sep_id,
+                          beam_size=3, max_length=4, length_penalty=0.0,
+                          banned_ids=sorted(special - {None}))[0]
+        assert beams[i] == task.tokenizer.decode(seq).strip()
