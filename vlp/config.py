@@ -518,7 +518,7 @@ def derive(cfg: Any, given: set[str] | frozenset[str] = frozenset()) -> None:
 # (and fine-tuning's epochs) move the end of the run and so the rest of the LR schedule.
 RESUME_SAFE = ("train.steps", "epochs", "train.save_every", "train.log_every",
                "train.keep_checkpoints", "train.max_bad_steps", "train.threads", "logging.",
-               "eval.", "data.val")
+               "eval.", "data.val", "data.num_workers")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

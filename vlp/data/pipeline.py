@@ -37,6 +37,16 @@ of their own and each sample's caption/crop by a seed of the sample, a worker re
 position produces exactly what it would have produced next; a reservoir shuffle buffer could
 not be restarted without saving its contents. `StreamPosition` collects the positions from the
 batches a run has consumed; `make_loader(start=...)` continues from them.
+
+A worker reads a sequence of *pieces*: by default the whole shards its rank and worker slice
+give it; after an elastic resume (another number of processes or workers, vlp/data/elastic.py)
+the unread parts of the epoch's shards that it was dealt (`start["plan"]`). A piece is a list
+`[shard]` (all of urls[shard]), `[shard, start]`, `[shard, start, stop]` or
+`[shard, start, stop, skip]`: the raw samples at offsets start <= o < stop (stop None: to the
+end) but those in `skip`. Positions number samples by their offset in the shard, so a piece
+read by another worker numbers them alike. A position inside a block also carries the block's
+`spans` ([[piece ordinal, samples], ...]), which the tracker keeps apart (`state_dict(blocks=
+True)`): with them the consumed samples of a partly read block can be named without reading it.
 """
 from __future__ import annotations
 
@@ -352,8 +362,62 @@ def _seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def reader_shards(num_shards: int, *, seed: int, epoch: int, shuffle_buffer: int, rank: int,
+                  world_size: int, worker: int, num_workers: int) -> list[int]:
+    """The shards (indices into the url list) that reader (rank, worker) of an epoch-mode stream
+    reads in `epoch`, in order: the epoch's shard permutation (the same on every rank when
+    shuffle_buffer > 0), sliced by rank, then by worker."""
+    order = list(range(num_shards))
+    if shuffle_buffer > 0:
+        # Same permutation on every rank (seed and epoch only), so the slices are disjoint.
+        random.Random(_seed(seed, epoch, "shards")).shuffle(order)
+    return order[rank::world_size][worker::max(1, num_workers)]
+
+
+def block_order(seed: int, epoch: int, rank: int, worker: int, block: int, n: int) -> list[int]:
+    """The order in which reader (rank, worker) takes the n raw samples of its block `block`."""
+    order = list(range(n))
+    if n > 1:
+        random.Random(_seed(seed, epoch, rank, worker, "block", block)).shuffle(order)
+    return order
+
+
+Bounds = tuple  # (start, stop | None, frozenset of skipped offsets): a piece without its shard
+WHOLE: Bounds = (0, None, frozenset())
+
+
+def make_piece(shard: int, start: int = 0, stop: int | None = None,
+               skip: Iterable[int] = ()) -> list | None:
+    """A piece in its shortest list form (see the module docstring), or None when its offset
+    range is empty. `skip` is kept only inside [start, stop)."""
+    if stop is not None and start >= stop:
+        return None
+    skip = sorted({o for o in skip if o >= start and (stop is None or o < stop)})
+    if stop is not None and len(skip) == stop - start:
+        return None
+    if skip:
+        return [shard, start, stop, skip]
+    if stop is not None:
+        return [shard, start, stop]
+    return [shard, start] if start else [shard]
+
+
+def piece_fields(piece) -> tuple[int, int, int | None, frozenset]:
+    """(shard, start, stop, skip) of a piece; ValueError naming what is wrong."""
+    ok = isinstance(piece, list) and 1 <= len(piece) <= 4 and _is_count(piece[0])
+    if ok:
+        shard, start, stop, skip = (piece + [0, None, []][len(piece) - 1:])[:4]
+        ok = _is_count(start) and (stop is None or _is_count(stop)) and \
+            isinstance(skip, list) and all(_is_count(o) for o in skip)
+    if not ok:
+        raise ValueError(f"{piece!r} is not a shard piece: expected [shard], [shard, start], "
+                         "[shard, start, stop] or [shard, start, stop, [skipped offsets]] with "
+                         "ints >= 0 (stop may be null)")
+    return shard, start, stop, frozenset(skip)
+
+
 class _RawReader:
-    """One worker's raw samples in order, numbered by (shard ordinal, offset in that shard).
+    """One worker's raw samples in order, numbered by (piece ordinal, offset in the shard).
 
     `position` is the number of the next sample `take` returns, or None at the end. That sample
     is already read (one sample of look-ahead), so a position never points past the end of a
@@ -361,50 +425,62 @@ class _RawReader:
     the shard errors on the way were counted before the position was reported.
     """
 
-    def __init__(self, urls: Iterable[str], shard: int, offset: int, skips: SkipCounter,
-                 count_errors: bool, max_failures_in_a_row: int | None):
+    def __init__(self, pieces: Iterable[tuple[str, Bounds]], shard: int, offset: int,
+                 skips: SkipCounter, count_errors: bool, max_failures_in_a_row: int | None):
         self.count_errors = count_errors
         self._skips = skips
-        self._opened = shard - 1  # ordinal of the shard iter_tar_samples is reading
-        self._current, self._offset = shard, 0
-        # iter_tar_samples yields the last sample of a shard before it pulls the next URL, so
-        # the count of URLs pulled numbers the shard of every sample it yields.
-        self._samples = iter_tar_samples(self._numbered(itertools.islice(urls, shard, None)),
-                                         self._on_error, max_failures_in_a_row)
-        self._next = self._read()
+        self._max_failures, self._failures = max_failures_in_a_row, 0
+        self._samples = self._read_pieces(itertools.islice(pieces, shard, None), shard)
+        self._next = next(self._samples, None)
         while self._next is not None and self._next[:2] < (shard, offset):
-            self._next = self._read()
+            self._next = next(self._samples, None)
 
-    def _numbered(self, urls: Iterable[str]) -> Iterator[str]:
-        for url in urls:
-            self._opened += 1
-            yield url
+    def _read_pieces(self, pieces: Iterable[tuple[str, Bounds]],
+                     first: int) -> Iterator[tuple[int, int, dict]]:
+        """(piece ordinal, offset in its shard, sample) of the samples the pieces read."""
+        for ordinal, (url, (start, stop, skip)) in enumerate(pieces, first):
+            samples = iter_tar_samples([url], self._on_error)
+            try:
+                for offset, sample in enumerate(samples):
+                    self._failures = 0
+                    if offset >= start and offset not in skip:
+                        yield ordinal, offset, sample
+                    if stop is not None and offset + 1 >= stop:
+                        break  # the piece ends here: no further read (nor error) of the shard
+            finally:
+                samples.close()
 
     def _on_error(self, url: str, exn: Exception) -> None:
         if self.count_errors:
             self._skips.shard_error(url, exn)
-
-    def _read(self) -> tuple[int, int, dict] | None:
-        sample = next(self._samples, None)
-        if sample is None:
-            return None
-        if self._opened != self._current:
-            self._current, self._offset = self._opened, 0
-        self._offset += 1
-        return self._current, self._offset - 1, sample
+        self._failures += 1
+        if self._max_failures is not None and self._failures >= self._max_failures:
+            raise RuntimeError(f"{self._failures} shards in a row failed to read (the last: "
+                               f"{url}: {type(exn).__name__}: {exn}); is the data reachable?")
 
     @property
     def position(self) -> tuple[int, int] | None:
         return None if self._next is None else self._next[:2]
 
     def take(self, n: int) -> list[tuple[int, dict]]:
-        """The next n raw samples (fewer at the end of the stream), each with its shard
+        """The next n raw samples (fewer at the end of the stream), each with its piece
         ordinal."""
         out = []
         while len(out) < n and self._next is not None:
             out.append((self._next[0], self._next[2]))
-            self._next = self._read()
+            self._next = next(self._samples, None)
         return out
+
+
+def _runs(ordinals: Iterable[int]) -> list[list[int]]:
+    """[[ordinal, count], ...] of consecutive equal ordinals."""
+    out: list[list[int]] = []
+    for x in ordinals:
+        if out and out[-1][0] == x:
+            out[-1][1] += 1
+        else:
+            out.append([x, 1])
+    return out
 
 
 class ShardDataset(IterableDataset):
@@ -441,8 +517,17 @@ class ShardDataset(IterableDataset):
         """The start state if it applies to the current epoch, else None."""
         return self.start if self.start is not None and self.start["epoch"] == self.epoch else None
 
+    def worker_pieces(self, worker: int, num_workers: int) -> Iterable[tuple[str, Bounds]]:
+        """This rank's and worker's pieces for the current epoch, as (url, bounds): the plan a
+        re-dealt start gives it, else its whole shards (`worker_urls`)."""
+        start = self.active_start()
+        if start is not None and start.get("plan") is not None:
+            return [(self.urls[shard], (a, b, skip)) for shard, a, b, skip
+                    in map(piece_fields, start["plan"][worker])]
+        return ((url, WHOLE) for url in self.worker_urls(worker, num_workers))
+
     def worker_urls(self, worker: int, num_workers: int) -> Iterable[str]:
-        """This rank's and worker's shard URLs for the current epoch."""
+        """This rank's and worker's shard URLs for the current epoch (without a plan)."""
         if self.resampled:
             # Every reader draws from all shards with its own seed (OpenCLIP's resampled mode):
             # an endless stream, so no split and no shard-count constraint. The draws depend on
@@ -451,18 +536,9 @@ class ShardDataset(IterableDataset):
             shards = wds.ResampledShards(self.urls, seed=seed, deterministic=True,
                                          worker_seed=lambda: 0)
             return (s["url"] for s in shards)
-        urls = list(self.urls)
-        if self.shuffle_buffer > 0:
-            # Same permutation on every rank (seed and epoch only), so the slices are disjoint.
-            random.Random(_seed(self.seed, self.epoch, "shards")).shuffle(urls)
-        return urls[self.rank::self.world_size][worker::num_workers]
-
-    def _block_order(self, worker: int, block: int, n: int) -> list[int]:
-        order = list(range(n))
-        if n > 1:
-            random.Random(_seed(self.seed, self.epoch, self.rank, worker, "block",
-                                block)).shuffle(order)
-        return order
+        return [self.urls[i] for i in reader_shards(
+            len(self.urls), seed=self.seed, epoch=self.epoch, shuffle_buffer=self.shuffle_buffer,
+            rank=self.rank, world_size=self.world_size, worker=worker, num_workers=num_workers)]
 
     def _sample_rng(self, worker: int, shard: int, sample: dict) -> random.Random:
         """Caption choice and crop are keyed by the sample, not by the stream position, so a
@@ -490,7 +566,7 @@ class ShardDataset(IterableDataset):
         block, index = position["block"], position["index"]
         # Re-reading a partly consumed block repeats its shard errors, which were already
         # reported in the batches before the position; a block not yet begun counts them.
-        reader = _RawReader(self.worker_urls(worker, num_workers), position["shard"],
+        reader = _RawReader(self.worker_pieces(worker, num_workers), position["shard"],
                             position["offset"], skips, count_errors=index == 0,
                             max_failures_in_a_row=100 if self.resampled else None)
         if saved and reader.position != (position["shard"], position["offset"]):
@@ -503,7 +579,8 @@ class ShardDataset(IterableDataset):
             block_shard, block_offset = reader.position
             entries = reader.take(block_size)
             reader.count_errors = True
-            order = self._block_order(worker, block, len(entries))
+            order = block_order(self.seed, self.epoch, self.rank, worker, block, len(entries))
+            spans = _runs(piece for piece, _ in entries)
             for i in range(index, len(entries)):  # the first `index` entries were consumed
                 shard, sample = entries[order[i]]
                 try:
@@ -523,7 +600,7 @@ class ShardDataset(IterableDataset):
                 if len(pending) == self.batch_size:
                     if i + 1 < len(entries):
                         at = {"block": block, "shard": block_shard, "offset": block_offset,
-                              "index": i + 1}
+                              "index": i + 1, "spans": spans}
                     elif reader.position is not None:
                         # The block is used up: point at the next one, so that a restart reads
                         # nothing of this one.
@@ -571,7 +648,9 @@ class StreamPosition:
 
     `epoch` and `num_workers` are always checked on resume; the other settings (rank,
     world_size, num_shards, resampled, shuffle_buffer, seed) when recorded. `for_loader` records
-    them all.
+    them all. A loader started from a re-dealt plan keeps it (`plan`: each worker's pieces);
+    `state_dict(blocks=True)` adds each worker's current block spans (`blocks`), which only an
+    elastic resume needs (vlp/data/elastic.py).
     """
 
     SETTINGS = ("rank", "world_size", "num_shards", "resampled", "shuffle_buffer", "seed")
@@ -584,6 +663,8 @@ class StreamPosition:
         self.num_workers, self.epoch = num_workers, epoch
         self.settings = {k: settings.get(k) for k in self.SETTINGS}  # None: not recorded
         self.positions: list[dict | None] = [None] * max(1, num_workers)
+        self.blocks: list[list | None] = [None] * max(1, num_workers)  # spans, inside a block
+        self.plan: list[list] | None = None  # each worker's pieces, when re-dealt
         self.next_worker = 0
 
     @classmethod
@@ -603,16 +684,27 @@ class StreamPosition:
         if not 0 <= batch.worker < len(self.positions):
             raise ValueError(f"batch.worker={batch.worker} is outside num_workers="
                              f"{self.num_workers}; is this tracker for this loader?")
-        self.positions[batch.worker] = batch.position
+        position = batch.position
+        spans = position.get("spans") if isinstance(position, dict) else None
+        if spans is not None:
+            position = {k: v for k, v in position.items() if k != "spans"}
+        self.positions[batch.worker] = position
+        self.blocks[batch.worker] = [list(x) for x in spans] if spans else None
         self.next_worker = (batch.worker + 1) % len(self.positions)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, blocks: bool = False) -> dict:
         """Plain JSON: {"epoch", "num_workers", "next_worker", "positions": [position or null
-        per worker], and the recorded settings}."""
-        return {"epoch": self.epoch, "num_workers": self.num_workers,
-                **{k: v for k, v in self.settings.items() if v is not None},
-                "next_worker": self.next_worker,
-                "positions": [dict(p) if p is not None else None for p in self.positions]}
+        per worker], the recorded settings, "plan" when re-dealt, and with `blocks` the
+        "blocks": [spans or null per worker]}."""
+        state = {"epoch": self.epoch, "num_workers": self.num_workers,
+                 **{k: v for k, v in self.settings.items() if v is not None},
+                 "next_worker": self.next_worker,
+                 "positions": [dict(p) if p is not None else None for p in self.positions]}
+        if self.plan is not None:
+            state["plan"] = [[list(piece) for piece in pieces] for pieces in self.plan]
+        if blocks:
+            state["blocks"] = [[list(x) for x in b] if b else None for b in self.blocks]
+        return state
 
     @classmethod
     def from_state(cls, state: dict) -> "StreamPosition":
@@ -622,7 +714,7 @@ class StreamPosition:
             raise ValueError(f"a stream position state must be a dict (StreamPosition."
                              f"state_dict()), got {type(state).__name__}")
         required = ("epoch", "num_workers", "next_worker", "positions")
-        valid = required + cls.SETTINGS
+        valid = required + cls.SETTINGS + ("plan", "blocks")
         unknown = sorted(set(state) - set(valid))
         if unknown:
             raise ValueError(f"unknown stream position field(s) {unknown}; valid: {list(valid)}")
@@ -642,10 +734,29 @@ class StreamPosition:
                              f"num_workers={state['num_workers']}")
         for w, p in enumerate(positions):
             _check_position(p, f"start.positions[{w}]")
+        plan, blocks = state.get("plan"), state.get("blocks")
+        for name, value in (("plan", plan), ("blocks", blocks)):
+            if value is not None and (not isinstance(value, list) or len(value) != n):
+                raise ValueError(f"start.{name}: expected a list of {n} (one per loader worker, "
+                                 f"num_workers={state['num_workers']}), got {value!r:.200}")
+        for w, pieces in enumerate(plan or []):
+            if not isinstance(pieces, list):
+                raise ValueError(f"start.plan[{w}]={pieces!r:.200}: expected a list of pieces")
+            for piece in pieces:
+                try:
+                    piece_fields(piece)
+                except ValueError as e:
+                    raise ValueError(f"start.plan[{w}]: {e}") from None
+        for w, spans in enumerate(blocks or []):
+            _check_spans(spans, positions[w], f"start.blocks[{w}]")
         settings = {k: state[k] for k in cls.SETTINGS if k in state}
         tracker = cls(state["num_workers"], state["epoch"], **settings)
         tracker.positions = [dict(p) if p is not None else None for p in positions]
         tracker.next_worker = state["next_worker"]
+        if plan is not None:
+            tracker.plan = [[list(piece) for piece in pieces] for pieces in plan]
+        if blocks is not None:
+            tracker.blocks = [[list(x) for x in b] if b else None for b in blocks]
         return tracker
 
 
@@ -663,11 +774,27 @@ def _check_position(p, name: str) -> None:
                          f"{{'block', 'shard', 'offset', 'index'}} ints >= 0")
 
 
+def _check_spans(spans, position, name: str) -> None:
+    """A worker's block spans: null, or [[piece ordinal, samples], ...] for the block its
+    position is inside (starting at its piece, holding more samples than it consumed)."""
+    if spans is None:
+        return
+    ok = isinstance(spans, list) and spans and all(
+        isinstance(x, list) and len(x) == 2 and _is_count(x[0]) and _is_count(x[1]) and x[1]
+        for x in spans)
+    inside = isinstance(position, dict) and "index" in position
+    if not ok or not inside or spans[0][0] != position["shard"] or \
+            sum(x[1] for x in spans) <= position["index"]:
+        raise ValueError(f"{name}={spans!r:.200}: expected null or [[piece, samples], ...] of "
+                         f"the block that position {position!r} is inside")
+
+
 def _check_start(start: "StreamPosition | dict", expected: dict) -> dict:
     """`start` as a state dict, after checking that it was saved from this very stream."""
     if isinstance(start, StreamPosition):
-        start = start.state_dict()
-    state = StreamPosition.from_state(start).state_dict()
+        start = start.state_dict(blocks=True)
+    # blocks kept: a checkpoint taken before a worker's first new batch still names its block
+    state = StreamPosition.from_state(start).state_dict(blocks=True)
     for name, want in expected.items():
         if name in state and state[name] != want:
             raise ValueError(
@@ -697,7 +824,9 @@ def make_loader(urls: str | Sequence[str], *, tokenizer: "Tokenizer", transform:
 
     `start`: a `StreamPosition` (or its state_dict) saved from a loader with the same settings
     and epoch; the loader then yields exactly the batches that loader would have yielded after
-    the ones recorded. Track a loader with `StreamPosition.for_loader(loader)`.
+    the ones recorded. Track a loader with `StreamPosition.for_loader(loader)`. A start with a
+    `plan` (vlp/data/elastic.py: the rest of an epoch re-dealt to this loader's workers) makes
+    each worker read its planned pieces instead of its share of the shards, for that epoch.
 
     `visual` (model.visual_tokens): "patches" (pixel_values only), "regions" (Batch.region_*
     from each sample's regions.npz; pixel_values (B, 0)) or "roi_align" (pixel_values and

@@ -184,6 +184,33 @@ def total_skips(skipped: dict, world: dist.World) -> dict:
     return total
 
 
+def restore_checkpoint(engine: Engine, source: DataSource, state: dict, folder: Path,
+                       world: dist.World, seed: int) -> str:
+    """Restore the engine, RNG states, skip counts and data position of checkpoint `folder`
+    (`state`: its trainer state). On the number of processes that wrote it, each rank takes
+    its own; on another (elastic resume), the ZeRO partitions are re-sharded
+    (checkpoint.load_resharded), the data's unread rest of the epoch is re-dealt
+    (`source.resume`), each rank's generators are seeded anew from (train.seed, step, rank)
+    and rank 0 carries all the skip counts. Returns the rest of the one resume line: the step,
+    and what changed."""
+    saved = state["world_size"]
+    note = source.resume(state["data"], world.rank, world.size)  # refuses before any loading
+    if saved == world.size:
+        engine.load(folder)
+        set_rng_state(safe_load.load(folder / f"rng_rank{world.rank:05d}.pt"))
+        source.skipped.update(state["skipped"][world.rank])
+        return f"{engine.global_step}" + (f"; {note}" if note else "")
+    done = checkpoint.load_resharded(engine, folder, saved, world)
+    # the old ranks' streams belong to ranks that are gone (or renumbered): fresh, distinct
+    # ones, not a replay of the run's first steps
+    dist.seed_for_rank(dist.rank_seed(seed, engine.global_step), world.rank)
+    if world.is_main:
+        for counts in state["skipped"]:
+            accumulate(source.skipped, counts)
+    return (f"{engine.global_step}: {saved} -> {world.size} processes; {done}; {note}; random "
+            "generators re-seeded from (train.seed, step, rank)")
+
+
 def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.World, *,
           resume_from: Path | None = None, progress: bool = True, command: str = "train",
           started: float | None = None) -> dict:
@@ -219,19 +246,13 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     shown: dict[str, str] = {}  # the latest evaluation, on the progress bar
     if resume_from:
         state = json.loads((resume_from / TRAINER_STATE).read_text())
-        if state["world_size"] != world.size:
-            raise ConfigError(f"{resume_from} was written by {state['world_size']} processes; "
-                              f"resume it with the same number (this launch has {world.size})")
-        engine.load(resume_from)
-        set_rng_state(safe_load.load(resume_from / f"rng_rank{world.rank:05d}.pt"))
         samples_seen, bad_steps_total = state["samples_seen"], state["bad_steps"]
         if state.get("best", {}).get("metric") == best_metric:
             best = state["best"]  # the best so far, and OUT/model holds it
-        source.skipped.update(state["skipped"][world.rank])
-        source.restore(state["data"][world.rank])
+        where = restore_checkpoint(engine, source, state, resume_from, world, t.seed)
         if main:
             truncate_log(log_path, engine.global_step)
-        say(f"resumed from {resume_from} at step {engine.global_step}")
+        say(f"resumed from {resume_from} at step {where}")
     log = JsonlLog(log_path) if main else None
     tensorboard = TensorBoardLog(out_dir / "tensorboard") if main and cfg.logging.tensorboard \
         else None
@@ -408,7 +429,8 @@ def train(task: Task, source: DataSource, cfg, out_dir: str | Path, world: dist.
     bar.close()
     if stopped_early:
         say(f"\nstopped: checkpoint saved at step {engine.global_step}; continue with "
-            f"`vlp {command} --out {out_dir} --resume latest` (same config and process count)")
+            f"`vlp {command} --out {out_dir} --resume latest` (same config; pretraining may "
+            "change the number of processes or data.num_workers)")
         raise KeyboardInterrupt
     if last_saved != engine.global_step:
         save(engine.global_step)
