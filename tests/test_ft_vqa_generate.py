@@ -47,6 +47,20 @@ def test_answer_weights_are_annotator_shares():
     assert answer_weights(["2"] * 9 + ["two"]) == [("2", 1.0)]
 
 
+def test_training_answers_in_spellings_the_tokenizer_writes(ft_world, pretrained):
+    """A tokenizer without digit tokens (the shapes world's) learns numbers as words the
+    official scorer reads as the digits; an answer with no writable spelling is left out."""
+    task, _ = make_task(ft_world, pretrained, "regions", "vqa.head=generate")
+    tok = task.tokenizer
+    assert tok.decode(answer_tokens(tok, ["2"], 8)[0][0]) == ""  # "2" is an unknown piece
+    assert tok.decode(answer_tokens(tok, ["two"], 8)[0][0]) == "two"
+    assert normalize_answer("two") == "2"
+    rows = task.training_answers(["2"] * 6 + ["two"] + ["yes"] * 3)
+    # "2" and "two" are one normalised answer: 7 of 10 annotators
+    assert rows == [("two", pytest.approx(0.7)), ("yes", pytest.approx(0.3))]
+    assert task.training_answers(["@@@"] * 10) == []
+
+
 def test_join_question_answer_by_hand():
     pad = 0
     q = torch.tensor([[101, 7, 8, 102], [101, 9, 102, 0]])
@@ -182,7 +196,8 @@ def test_rank_and_generate_match_plain_forwards(ft_world, pretrained, family):
     assert len(set(mask.sum(1).tolist())) > 1  # questions of several lengths, one batch
     visual = batch.visual(None, torch.float32)
     candidates = task.candidates
-    c_ids, c_mask = answer_tokens(task.tokenizer, candidates, task.cfg.vqa.max_answer_length)
+    c_ids, c_mask = answer_tokens(task.tokenizer, task.candidate_texts,
+                                  task.cfg.vqa.max_answer_length)
     assert c_mask.sum(1).min() < c_mask.shape[1]  # candidates of several lengths (padding)
     scores = rank_scores(model, visual, ids, mask, c_ids, c_mask)
     for i in range(len(batch)):

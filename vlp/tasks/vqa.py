@@ -95,6 +95,32 @@ def answer_weights(answers: list[str]) -> list[tuple[str, float]]:
     return [(a, n / total) for a, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
+# spellings the official scorer reads as digits ("two" -> "2"): a tokenizer without digit tokens
+# (the shapes world's, trained on captions that spell numbers out) still writes numbers
+NUMBER_WORDS = ("none", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                "nine", "ten")
+
+
+def writable_spelling(tokenizer, answer: str, max_length: int,
+                      alternatives: tuple[str, ...] = (), cache: dict | None = None
+                      ) -> str | None:
+    """A text the tokenizer writes (no unknown word piece, within max_length answer tokens)
+    that the official scorer reads as the normalised `answer`: the answer itself, else an
+    alternative (the annotators' own forms), else a number word ("2" -> "two"); None when
+    there is none (generative heads can neither learn nor produce that answer). `cache`:
+    text -> writable, kept by the caller."""
+    cache = {} if cache is None else cache
+    for text in dict.fromkeys((answer, *alternatives, *NUMBER_WORDS)):
+        if normalize_answer(text) != answer:
+            continue
+        if text not in cache:
+            ids, _ = answer_tokens(tokenizer, [text], max_length)
+            cache[text] = normalize_answer(tokenizer.decode(ids[0])) == answer
+        if cache[text]:
+            return text
+    return None
+
+
 def answer_tokens(tokenizer, answers: list[str], max_length: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) (N, La <= max_length): each answer's tokens ending in [SEP] (cut to
@@ -218,12 +244,32 @@ class VQATask(FinetuneTask):
         self.answers = answers or answer_vocabulary(self.records("train"), v.num_answers)
         self.index = {a: i for i, a in enumerate(self.answers)}
         self.candidates: list[str] = []  # rank: the answers it chooses from
+        self._writes: dict[str, bool] = {}
         if v.head != "classify":
             check_lengths(encoder, v)
             special_ids(tokenizer)  # fail early on a tokenizer without start/end tokens
             self.metric_names = ("train_answer_token_acc",)
         if v.head == "rank":
-            self.candidates = read_answer_list(v.answer_list) if v.answer_list else self.answers
+            listed = read_answer_list(v.answer_list) if v.answer_list else self.answers
+            # an answer the tokenizer cannot write in any spelling cannot be scored
+            self.candidates = [a for a in listed if self.spelling(normalize_answer(a))]
+            self.candidate_texts = [self.spelling(normalize_answer(a)) for a in self.candidates]
+
+    # ------------------------------------------------------------------ answers as text
+    def spelling(self, answer: str, alternatives: tuple[str, ...] = ()) -> str | None:
+        return writable_spelling(self.tokenizer, answer, self.cfg.vqa.max_answer_length,
+                                 alternatives, self._writes)
+
+    def training_answers(self, answers: list[str]) -> list[tuple[str, float]]:
+        """`answer_weights` in spellings the tokenizer writes; an answer without one is left
+        out and its share with it (the others keep theirs)."""
+        rows = []
+        for answer, weight in answer_weights(answers):
+            text = self.spelling(answer, tuple(a for a in answers
+                                              if normalize_answer(a) == answer))
+            if text is not None:
+                rows.append((text, weight))
+        return rows
 
     # ------------------------------------------------------------------ data
     def records(self, split: str) -> list[dict]:
@@ -250,7 +296,7 @@ class VQATask(FinetuneTask):
             def item(record, visual):
                 return {"visual": visual, "question": record["question"],
                         "question_id": record["question_id"],
-                        "answers": answer_weights(record["answers"])}
+                        "answers": self.training_answers(record["answers"])}
 
         return RecordDataset(records, self.image_path, self.reader, item)
 
@@ -315,7 +361,7 @@ class VQATask(FinetuneTask):
         v = self.cfg.vqa
         if v.head == "rank":
             c_ids, c_mask = (t.to(device) for t in answer_tokens(
-                self.tokenizer, self.candidates, v.max_answer_length))
+                self.tokenizer, self.candidate_texts, v.max_answer_length))
         for batch in tqdm(loader, desc=f"vqa {split}", disable=not progress):
             if not len(batch):
                 continue
@@ -362,6 +408,10 @@ class VQATask(FinetuneTask):
         metrics["vqa_answers_outside_vocab"] = sum(normalize_answer(r["answer"]) not in self.index
                                                    for r in results)
         metrics["vqa_distinct_answers"] = len({r["answer"] for r in results})
+        if self.cfg.vqa.head != "classify":  # the ceiling the tokenizer leaves a generator
+            writable = sum(bool(r["answers"]) and self.spelling(normalize_answer(
+                r["answers"][0]), (r["answers"][0],)) is not None for r in records)
+            metrics["vqa_first_answer_writable_pct"] = 100.0 * writable / max(1, len(records))
         metrics["vqa_unanswered_questions"] = len(records) - len(answered)
         covered = sum(normalize_answer(r["answers"][0]) in self.index for r in records
                       if r["answers"])
@@ -428,14 +478,18 @@ class VQAModel:
                 self.tokenizer, [text], self.max_answer_length))
             logp = rank_scores(self.model, visual, ids, mask, a_ids, a_mask)[0, 0]
             return [(text, float(logp.exp()))]
-        if self.head == "rank":
+        answers = self.answers
+        if self.head == "rank":  # the answers the tokenizer can write, in their spellings
+            texts = {a: writable_spelling(self.tokenizer, normalize_answer(a),
+                                          self.max_answer_length) for a in self.answers}
+            answers = [a for a in self.answers if texts[a]]
             a_ids, a_mask = (t.to(self.device) for t in answer_tokens(
-                self.tokenizer, self.answers, self.max_answer_length))
+                self.tokenizer, [texts[a] for a in answers], self.max_answer_length))
             probs = rank_scores(self.model, visual, ids, mask, a_ids, a_mask)[0].softmax(0)
         else:
             logits = self.model(input_ids=ids, attention_mask=mask, visual=visual)["logits"][0]
             probs = logits.float().sigmoid()
         if top_k == 1:
-            return self.answers[int(probs.argmax())]
-        values, index = probs.topk(min(top_k, len(self.answers)))
-        return [(self.answers[i], float(v)) for v, i in zip(values.tolist(), index.tolist())]
+            return answers[int(probs.argmax())]
+        values, index = probs.topk(min(top_k, len(answers)))
+        return [(answers[i], float(v)) for v, i in zip(values.tolist(), index.tolist())]
