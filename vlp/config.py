@@ -261,6 +261,13 @@ class VQATaskConfig:
     image_pattern: str = "{image_id:012d}.jpg"
     num_answers: int = 3129  # the answer vocabulary: the most frequent N training answers
     max_question_length: int = 24  # tokens, with [CLS]/[SEP]
+    # classify: a classifier over the answer vocabulary; generate: the answer decoded as text
+    # by the prefix LM (open vocabulary); rank: the same trained prefix LM picks the most likely
+    # answer of a list (vqa.answer_list, else the answer vocabulary)
+    head: Literal["classify", "generate", "rank"] = "classify"
+    max_answer_length: int = 8  # generate/rank: answer tokens, [SEP] included
+    beam_size: int = 1  # generate: 1 = greedy; beams rank by summed log-probability
+    answer_list: str = ""  # rank: a JSON list of candidate answers; empty: the vocabulary
 
 
 @dataclass
@@ -744,6 +751,8 @@ def _validate_finetune(cfg: FinetuneConfig) -> None:
                           "train.grad_accum (contrastive_accum is for dual-tower pretraining)")
     positive = {"eval.batch_size": cfg.eval.batch_size,
                 "vqa.num_answers": cfg.vqa.num_answers,
+                "vqa.max_answer_length": cfg.vqa.max_answer_length,
+                "vqa.beam_size": cfg.vqa.beam_size,
                 "caption.max_length": cfg.caption.max_length,
                 "caption.beam_size": cfg.caption.beam_size, "vcr.max_length": cfg.vcr.max_length}
     for key, value in positive.items():
