@@ -151,10 +151,12 @@ def test_resume_with_other_data_settings_is_a_clear_error(shapes, tmp_path, toke
     common = ["--out", str(tmp_path / "run"), "--no-progress", f"data.train={shapes}/train",
               "eval.at_end=false", "train.steps=2", tokenizer_path, *TINY]
     assert main(["pretrain", *common]) == 0
-    assert main(["pretrain", *common, "data.num_workers=1", "train.steps=4", "--resume",
+    # data.num_workers may change on resume since elastic resume (issue 15 part 3: the unread
+    # rest of the epoch is re-dealt, tests/test_elastic_resume.py); the shuffle buffer may not
+    assert main(["pretrain", *common, "data.shuffle_buffer=7", "train.steps=4", "--resume",
                  "latest"]) == 2
     err = capsys.readouterr().err
-    assert "num_workers" in err and "Resume with the data settings" in err
+    assert "shuffle_buffer" in err and "Resume with the data settings" in err
 
 
 def test_tensorboard_log(shapes, tmp_path):
