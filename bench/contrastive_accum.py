@@ -14,7 +14,9 @@ pixels and captions of random length:
                    contrastive batches of B/K, the same micro-batch shapes without the cached
                    forward, so the ratio of the two is GradCache's own cost
 
-Reported per K: the median step time over `--steps` timed steps after one warm-up step, and
+Reported per K: the median step time over `--steps` timed steps after one warm-up step, the
+median CPU seconds of a step (process time: with `--threads 1` the work done, which other
+jobs on the machine hardly change, unlike the wall time), and
 the memory of a training step: on CPU the process's peak resident memory (ru_maxrss) minus its
 resident memory after the engine was built (the model, optimizer and DeepSpeed, before any
 step), on CUDA torch.cuda.max_memory_allocated minus memory_allocated at the same point. The
@@ -86,9 +88,9 @@ def child(args) -> dict:
                      pixel_values=torch.randn(micro, 3, args.image_size, args.image_size,
                                               generator=g))
 
-    def step(s: int) -> float:
+    def step(s: int) -> tuple[float, float]:
         group = [batch(s * k + i) for i in range(k)]
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         if k == 1 or plain:
             for b in group:
                 loss, _ = recipe.loss(engine, b)
@@ -99,17 +101,17 @@ def child(args) -> dict:
             assert gradcache.CachedStep(recipe, engine, group).backward()
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - cpu
 
     base_rss = _rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base_cuda = torch.cuda.memory_allocated()
     step(0)  # warm-up (the optimizer's states are made here, in every row alike)
-    times = [step(s) for s in range(1, args.steps + 1)]
+    times, cpu = zip(*[step(s) for s in range(1, args.steps + 1)])
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     out = {"k": k, "plain": plain, "micro_batch": micro, "batch": args.batch,
-           "step_s": statistics.median(times),
+           "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
            "step_times": [round(t, 4) for t in times], "base_rss_mb": round(base_rss, 1),
            "peak_rss_mb": round(peak_rss, 1), "step_mem_mb": round(peak_rss - base_rss, 1)}
     if cuda:
@@ -142,6 +144,8 @@ def main() -> None:
     rows: dict[tuple, list[dict]] = {c: [] for c in configs}
     vs_big: dict[tuple, list[float]] = {c: [] for c in configs}
     vs_plain: dict[tuple, list[float]] = {c: [] for c in configs}
+    cpu_vs_big: dict[tuple, list[float]] = {c: [] for c in configs}
+    cpu_vs_plain: dict[tuple, list[float]] = {c: [] for c in configs}
     for r in range(args.rounds):
         this_round = {}
         for k, plain in (configs if r % 2 == 0 else configs[::-1]):
@@ -155,11 +159,15 @@ def main() -> None:
             row = json.loads(line[4:])
             print(f"round {r + 1} K={k}{' plain' if plain else ''}: {row}", flush=True)
             rows[(k, plain)].append(row)
-            this_round[(k, plain)] = row["step_s"]
+            this_round[(k, plain)] = row
+        big = this_round[(ks[0], False)]
         for k, plain in configs:
-            vs_big[(k, plain)].append(this_round[(k, plain)] / this_round[(ks[0], False)])
+            row = this_round[(k, plain)]
+            vs_big[(k, plain)].append(row["step_s"] / big["step_s"])
+            cpu_vs_big[(k, plain)].append(row["cpu_s"] / big["cpu_s"])
             if k > 1 and not plain:
-                vs_plain[(k, plain)].append(this_round[(k, plain)] / this_round[(k, True)])
+                vs_plain[(k, plain)].append(row["step_s"] / this_round[(k, True)]["step_s"])
+                cpu_vs_plain[(k, plain)].append(row["cpu_s"] / this_round[(k, True)]["cpu_s"])
     table = []
     for k, plain in configs:
         c = (k, plain)
@@ -168,20 +176,25 @@ def main() -> None:
                       "step_s": statistics.median(r["step_s"] for r in rows[c]),
                       "time_vs_first": statistics.median(vs_big[c]),
                       "time_vs_plain": statistics.median(vs_plain[c]) if vs_plain[c] else None,
+                      "cpu_s": statistics.median(r["cpu_s"] for r in rows[c]),
+                      "cpu_vs_first": statistics.median(cpu_vs_big[c]),
+                      "cpu_vs_plain": statistics.median(cpu_vs_plain[c]) if cpu_vs_plain[c]
+                      else None,
                       "step_mem_mb": statistics.median(r["step_mem_mb"] for r in rows[c]),
                       "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rows[c])})
     print(f"\nbatch {args.batch} per step, {args.precision}, {args.threads} threads, width "
           f"{args.width} x {args.layers} layers, image {args.image_size}")
-    print(f"| run | micro-batch | contrastive batch | step s | time vs K={ks[0]} | "
-          "time vs plain accumulation | step memory MB | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| run | micro-batch | contrastive batch | step memory MB | peak RSS MB | step s | "
+          f"CPU s | CPU vs K={ks[0]} | CPU vs plain accumulation | wall vs K={ks[0]} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for t in table:
         name = f"grad_accum={t['k']}" if t["plain"] else (
             f"contrastive_accum={t['k']}" if t["k"] > 1 else "one batch")
-        ratio = f"{t['time_vs_plain']:.2f}x" if t["time_vs_plain"] else ""
-        print(f"| {name} | {t['micro_batch']} | {t['contrastive_batch']} | {t['step_s']:.3f} | "
-              f"{t['time_vs_first']:.2f}x | {ratio} | {t['step_mem_mb']:.0f} | "
-              f"{t['peak_rss_mb']:.0f} |")
+        ratio = f"{t['cpu_vs_plain']:.2f}x" if t["cpu_vs_plain"] else ""
+        print(f"| {name} | {t['micro_batch']} | {t['contrastive_batch']} | "
+              f"{t['step_mem_mb']:.0f} | {t['peak_rss_mb']:.0f} | {t['step_s']:.2f} | "
+              f"{t['cpu_s']:.2f} | {t['cpu_vs_first']:.2f}x | {ratio} | "
+              f"{t['time_vs_first']:.2f}x |")
     if args.out:
         runs = {f"{k}{'-plain' if plain else ''}": v for (k, plain), v in rows.items()}
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": table,

@@ -619,10 +619,15 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     if o.loss == "siglip" and cfg.recipe != "dual_tower":
         raise ConfigError(f"objectives.loss=siglip is the dual tower's loss; recipe="
                           f"{cfg.recipe} has its own objectives (use recipe=dual_tower)")
-    if cfg.model.logit_bias != (o.loss == "siglip"):
-        raise ConfigError(f"model.logit_bias={cfg.model.logit_bias} with objectives.loss="
-                          f"{o.loss}: the logit bias is SigLIP's and only its loss trains it; "
-                          "leave model.logit_bias unset (objectives.loss=siglip sets it)")
+    if o.loss == "siglip" and not cfg.model.logit_bias:
+        raise ConfigError("objectives.loss=siglip trains the dual tower's logit bias, and "
+                          "model.logit_bias=False (given, or model.init_from's directory's) has "
+                          "none: drop model.logit_bias=false, or start from a directory "
+                          "trained with objectives.loss=siglip")
+    if o.loss == "clip" and cfg.model.logit_bias:
+        raise ConfigError("model.logit_bias=True (given, or model.init_from's directory's) "
+                          "with objectives.loss=clip: only SigLIP's loss trains the bias; use "
+                          "objectives.loss=siglip")
     if cfg.train.contrastive_accum > 1 and cfg.recipe != "dual_tower":
         raise ConfigError(f"train.contrastive_accum={cfg.train.contrastive_accum} runs with "
                           f"recipe=dual_tower only (recipe={cfg.recipe} has matching and "
