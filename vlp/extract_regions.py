@@ -5,11 +5,11 @@ For every sample: the image through the model's eval transform -> the vision tow
 grid (a ViT: its patch tokens, the class token dropped; a Swin: stage
 `model.vision.roi_stage`'s map, pooled at 1/stride) -> RoIAlign over each box mapped into that
 geometry (2x2 cells, averaged: vlp.models.regions.RoIRegionFeatures) -> features [N, width],
-the width of that grid. The npz holds those
-features, the kept boxes in pixels of the original image, `labels` (index of the object's
-`label` in --labels, -1 when absent/unknown) and image_w / image_h: the format
-vlp/data/regions.py reads. Output shards keep every member of the input and add the npz, with
-the same shard names and `_stats.json` files, so they drop in for the originals.
+the width of that grid. The npz holds those features, the kept boxes in pixels of the
+original image, `labels` (index of the object's `label` in --labels, -1 when absent/unknown)
+and image_w / image_h: the format vlp/data/regions.py reads. Output shards keep every member of
+the input and add the npz, with the same shard names and `_stats.json` files, so they drop in
+for the originals.
 
 Samples whose image or json cannot be used are copied without regions and counted (the
 training pipeline then skips them as `missing_regions`).

@@ -138,18 +138,17 @@ class SingleStream(nn.Module):
     # ------------------------------------------------------------------ visual tokens
     def swin_features(self, pixel_values: torch.Tensor) -> SwinFeatures:
         """Swin towers only: every stage's tokens and the final ones (one trunk pass, which
-        `region_inputs` / `embed_visual` take as `stages=` so the caller can also pool them)."""
+        `embed_visual` takes as `stages=` so the caller can also pool grounded objects)."""
         return self.swin.forward_stages(pixel_values)
 
-    def region_inputs(self, pixel_values, region_features, region_boxes, region_mask, *,
-                      stages: SwinFeatures | None = None):
+    def region_inputs(self, pixel_values, region_features, region_boxes, region_mask):
         """(features (B, R, D), boxes, mask): the regions' features before embedding — the
         file's for `regions`, RoIAlign-pooled encoder features for `roi_align` (a Swin tower:
-        stage `roi_stage`'s map at 1/stride; `stages`: its features, when already computed)."""
+        stage `roi_stage`'s map, which covers the image padded to its stride: 1/stride)."""
         if self.kind == "regions":
             return region_features, region_boxes, region_mask
         if self.swin_tokens:
-            stages = stages if stages is not None else self.swin_features(pixel_values)
+            stages = self.swin_features(pixel_values)
             s = self.roi_stage
             pooled = self.roi_pool(stages.feature_map(s), region_boxes, region_mask,
                                    stride=stages.strides[s],
