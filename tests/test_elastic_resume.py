@@ -23,16 +23,16 @@ from launch import ROOT, command, env, train_log
 from safetensors.torch import load_file
 from test_data import good, tok  # noqa: F401
 from test_data_position import uneven  # noqa: F401
+# 8 shards x 32 samples (each with its _stats.json) and one tokenizer for every run
+from test_distributed_train import shapes  # noqa: F401
 
 from vlp.config import ConfigError
 from vlp.data import accumulate
 from vlp.data.elastic import deal, piece_size, unread_pieces
-from vlp.data.pipeline import iter_captions, make_loader, skipped_samples
-from vlp.data.shards import expand_urls, iter_tar_samples
+from vlp.data.pipeline import make_loader, skipped_samples
+from vlp.data.shards import iter_tar_samples
 from vlp.data.sources import ShardSource
-from vlp.data.synth import generate
 from vlp.data.transforms import ImageTransform
-from vlp.tokenizer import train_tokenizer
 
 BATCH, BLOCK = 2, 4
 
@@ -206,16 +206,6 @@ TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.layers=2",
         "model.text.heads=2", "tokenizer.vocab_size=200", "eval.at_end=false",
         "train.log_every=1", "train.precision=fp32", "train.threads=1", "train.batch_size=8",
         "data.shuffle_buffer=12", "train.save_every=0"]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """8 shards x 32 samples (each with its _stats.json) and one tokenizer for every run."""
-    root = tmp_path_factory.mktemp("shapes")
-    generate(root, images=256, val_images=16, benchmark_images=0, shard_size=32, progress=False)
-    train_tokenizer(iter_captions(expand_urls(f"{root}/train")), vocab_size=200) \
-        .save(root / "tokenizer.json")
-    return root
 
 
 def pretrain(launcher, nproc, out, keys, *args, timeout=300):
