@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlp.engine.dist import (LAUNCHER_PREFIXES, LaunchError, World, cuda_device,
+from vlp.engine.dist import (LAUNCHER_PREFIXES, SHM_OP, LaunchError, World, cuda_device,
                              first_slurm_host, launch_env, rank_seed, seed_for_rank,
                              slurm_tasks_per_node, without_launcher_vars, world_from_env)
 
@@ -210,3 +210,24 @@ def test_two_processes_with_only_open_mpi_variables_join_one_world():
         outs.append(json.loads(stdout.strip().splitlines()[-1]))
     assert [o["world"] for o in outs] == [[0, 2, 0, 2], [1, 2, 1, 2]]
     assert all(o["gathered"] == [0, 1] and o["backend_size"] == 2 for o in outs)
+
+
+def test_a_build_lock_left_by_a_killed_run_does_not_stop_the_next(tmp_path):
+    """DeepSpeed JIT-compiles its CPU shared-memory all-reduce at init behind torch's lock file;
+    a build killed midway leaves the lock, and every later init waited on it forever (how CI
+    hung). vlp never uses that op, so init skips its build: no wait, nothing compiled."""
+    ext = tmp_path / "torch_extensions"
+    locks = [ext / SHM_OP / "lock", ext / "py311_cpu" / SHM_OP / "lock"]
+    for lock in locks:  # torch's build folder, with and without its python/cuda level
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    env = {**without_launcher_vars(os.environ), "TORCH_EXTENSIONS_DIR": str(ext),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = ("import torch.distributed as td\nfrom vlp.engine import dist\n"
+            "print(dist.init().size, td.get_backend())\ntd.destroy_process_group()")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["1", "gloo"]
+    assert all(lock.exists() for lock in locks)
+    assert not list(ext.rglob("*.so"))  # nothing was built

@@ -251,6 +251,23 @@ def cuda_device(local_rank: int, local_size: int, device_count: int) -> int:
     return local_rank % device_count
 
 
+# DeepSpeed's CPU shared-memory all-reduce, a C++ op it JIT-compiles at init_distributed.
+SHM_OP = "deepspeed_shm_comm"
+
+
+def _skip_shm_inference_op() -> None:
+    """Keep DeepSpeed from building its shared-memory all-reduce op on CPU. Only its inference
+    all-reduce (init_inference's tensor parallelism) uses that op, and vlp never calls it; yet
+    init_distributed compiles it on every machine that lacks it, behind torch's lock file
+    (`$TORCH_EXTENSIONS_DIR/.../deepspeed_shm_comm/lock`), and a build that was killed leaves that
+    lock behind: every later run then waits on it forever, silently (torch's FileBaton has no
+    timeout). CI hung exactly so. Skipping it also skips a compiler run per machine and the
+    /dev/shm buffers it leaks when a run is killed."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False
+
+
 def init() -> World:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPUs), once per
     process, and pin this process to its GPU when there is one."""
@@ -274,6 +291,7 @@ def init() -> World:
 
     ds_logger.setLevel(logging.WARNING)  # DeepSpeed's INFO lines would drown the progress bar
     if not torch_dist.is_initialized():
+        _skip_shm_inference_op()
         deepspeed.init_distributed(verbose=False)
     global _CPU_GROUP
     if _CPU_GROUP is None and world.size > 1 and torch_dist.get_backend() != "gloo":
