@@ -2,6 +2,7 @@
 (official results file scored by `vlp eval vqa`), an answer outside the training vocabulary,
 and the cached decoder and the ranking checked against plain forward passes."""
 import json
+import re
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ from vlp.engine.setup import benchmark_root
 from vlp.models.heads.caption import beam_search
 from vlp.models.heads.vqa import answer_lm_loss
 from vlp.models.joint import JointEncoder
-from vlp.eval.vqa_metric import normalize_answer
-from vlp.tasks import build_task, evaluate_finetuned
+from vlp.eval.vqa_metric import evaluate_vqa, normalize_answer
+from vlp.tasks import build_task
 from vlp.tasks.vqa import answer_tokens, answer_weights, generate_answers, \
     join_question_answer, rank_scores
 
@@ -92,7 +93,8 @@ def test_config_errors_name_key_and_values(ft_world, pretrained):
 
 # ------------------------------------------------------------------ the run
 @pytest.mark.parametrize("family", ["regions", "dual_tower"])
-def test_generate_finetune_results_scored_by_eval(ft_world, pretrained, tmp_path, family):
+def test_generate_finetune_results_scored_by_eval(ft_world, pretrained, tmp_path, family,
+                                                  capsys):
     out = tmp_path / "vqa"
     assert main(["finetune", "vqa", "--out", str(out), "--no-progress", "train.steps=3",
                  f"init_from={pretrained(family)}", f"data.synth_dir={ft_world}", *FT,
@@ -128,13 +130,27 @@ def test_generate_finetune_results_scored_by_eval(ft_world, pretrained, tmp_path
     reg = ft_world / "benchmarks" / "regions" / f"{q['image_id']:012d}.npz"
     got = model.answer(img, q["question"], regions=reg if family == "regions" else None)
     assert got == next(r["answer"] for r in results if r["question_id"] == q["question_id"])
-    # rank mode on the same trained weights: every answer comes from the answer list
+    # rank mode on the same trained weights, chosen on the command line: every answer comes
+    # from the answer list
     ranked = tmp_path / "ranked"
-    evaluate_finetuned(out / "model", ranked, data_root=str(ft_world / "benchmarks"),
-                       overrides=["vqa.head=rank"], progress=False)
+    model_args = ["eval", "vqa", "--model", str(out / "model"), "--data",
+                  str(ft_world / "benchmarks"), "--no-progress"]
+    assert main([*model_args, "--out", str(ranked / "eval.json"), "vqa.head=rank"]) == 0
     vocab = json.loads((out / "model" / "answers.json").read_text())
     assert {r["answer"] for r in json.loads(
         (ranked / "vqa_val_results.json").read_text())} <= set(vocab)
+    assert json.loads((ranked / "eval.json").read_text())["vqa_acc"] == pytest.approx(
+        evaluate_vqa(ranked / "vqa_val_results.json",
+                     vqa / "v2_OpenEnded_mscoco_val_questions.json",
+                     vqa / "v2_mscoco_val_annotations.json")["vqa_acc"])
+    # a classifier needs other weights; a training key would change nothing: one line each
+    capsys.readouterr()
+    for bad, says in (("vqa.head=classify", r"fine-tuned with vqa.head=generate, whose weights "
+                       r"serve vqa.head=generate or rank only"),
+                      ("train.steps=5", r"'train.steps=5': with --model, settings are key=value "
+                       r"with a key under vqa.\*, eval.\*, data.\*")):
+        assert main([*model_args, bad]) == 2
+        assert re.search(says, capsys.readouterr().err)
 
 
 # ------------------------------------------------------------------ open vocabulary

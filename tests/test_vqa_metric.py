@@ -129,6 +129,10 @@ def test_cli(tmp_path, capsys):
     assert main(["eval", "vqa", "--predictions", str(tmp_path / "bad.json"), "--questions", q,
                  "--annotations", a]) == 2
     assert "bad.json: not valid JSON" in capsys.readouterr().err
+    # settings steer a model run (--model); scoring a file has none to take
+    assert main(["eval", "vqa", "--predictions", r, "--questions", q, "--annotations", a,
+                 "vqa.head=rank"]) == 2
+    assert "vqa.head=rank: key=value settings apply to --model DIR" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("results, match", [

@@ -20,7 +20,8 @@
     vlp eval refcoco --predictions FILE --refs 'refs(unc).p' --instances instances.json
         [--split S] [--out FILE]
     vlp eval vqa|caption|vcr|refcoco --model FINETUNED_DIR [--data BENCHMARK_DIR] [file options]
-        [--out FILE]   (runs the fine-tuned model; its results file goes beside --out)
+        [--out FILE] [key=value ...]   (runs the fine-tuned model with its run's task settings
+        or these, e.g. vqa.head=rank caption.beam_size=5; its results file goes beside --out)
     vlp convert hf-clip SRC_DIR OUT_DIR          (a local Hugging Face CLIPModel folder -> vlp)
     vlp convert to-hf-clip MODEL_DIR OUT_DIR     (a vlp dual tower -> CLIPModel folder)
     vlp convert open-clip STATE.safetensors OUT_DIR --config MODEL.json --tokenizer TOK
@@ -276,6 +277,9 @@ def _eval_model(args: argparse.Namespace, files: dict[str, str | None]) -> dict 
     --data / the files say otherwise); its results file goes beside --out (else into the
     model's run folder). `files`: config key -> path given on the command line."""
     if not args.model:
+        if args.overrides:
+            raise EvalError(f"{args.overrides[0]}: key=value settings apply to --model DIR (a "
+                            "model run on the benchmark), not to scoring --predictions")
         return None
     if args.predictions:
         raise EvalError("give --predictions FILE (score a results file) or --model DIR (run a "
@@ -283,10 +287,24 @@ def _eval_model(args: argparse.Namespace, files: dict[str, str | None]) -> dict 
     from vlp.tasks import evaluate_finetuned
 
     overrides = [f"{key}={value}" for key, value in files.items() if value]
+    overrides += _eval_overrides(args.eval_cmd, args.overrides)
     out_dir = Path(args.out).parent if args.out else Path(args.model).parent
     return evaluate_finetuned(args.model, out_dir, data_root=args.data or "", device=args.device,
                               split=getattr(args, "split", None) or "", overrides=overrides,
                               progress=not args.no_progress)
+
+
+def _eval_overrides(task: str, given: list[str]) -> list[str]:
+    """`vlp eval <task> --model DIR key=value ...`: the task's own settings (vqa.head=rank,
+    caption.beam_size=5), eval.* and data.*; training keys would change nothing, so they are
+    refused rather than silently ignored."""
+    allowed = (f"{task}.", "eval.", "data.")
+    for item in given:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key.startswith(allowed):
+            raise EvalError(f"{item!r}: with --model, settings are key=value with a key under "
+                            f"{', '.join(a + '*' for a in allowed)} (e.g. {task}.beam_size=5)")
+    return list(given)
 
 
 def _cmd_eval_vqa(args: argparse.Namespace) -> int:
@@ -466,6 +484,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "world's)")
     p.add_argument("--no-progress", action="store_true")
     _add_device_arg(p)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="with --model: the task's settings for this evaluation instead of the "
+                   "run's, e.g. vqa.head=rank, caption.beam_size=5, eval.batch_size=64")
 
 
 def build_parser() -> argparse.ArgumentParser:

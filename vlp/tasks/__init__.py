@@ -109,6 +109,16 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
             lock.release()
 
 
+def _check_vqa_head(trained: str, asked: str, model_dir) -> None:
+    """generate and rank share their weights (the prefix LM's word head); a classifier has
+    other weights, so switching between it and them needs another fine-tuning run."""
+    if (trained == "classify") != (asked == "classify"):
+        can = "classify" if trained == "classify" else "generate or rank"
+        raise ConfigError(f"vqa.head={asked}: {model_dir} was fine-tuned with vqa.head={trained}"
+                          f", whose weights serve vqa.head={can} only; fine-tune with "
+                          f"vqa.head={asked} for that head")
+
+
 def evaluate_finetuned(model_dir: str | Path, out_dir: str | Path, *, data_root: str = "",
                        split: str = "", overrides: list[str] | None = None,
                        progress: bool = True, device: str | None = None) -> dict:
@@ -127,6 +137,9 @@ def evaluate_finetuned(model_dir: str | Path, out_dir: str | Path, *, data_root:
     cfg = load_config(None, [f"task={name}", *saved, *overrides,
                              *([f"data.root={data_root}"] if data_root else [])],
                       cls=FinetuneConfig)
+    if name == "vqa":
+        _check_vqa_head(folder.config.get("head", {}).get("head", "classify"), cfg.vqa.head,
+                        model_dir)
     root = benchmark_root(cfg.data, progress)
     tokenizer = folder.tokenizer()
     encoder = JointEncoder(folder.config["backbone"], tokenizer.vocab_size)
