@@ -1,6 +1,7 @@
 import pytest
 
-from vlp.config import ConfigError, ModelConfig, PretrainConfig, from_dict, load_config, to_dict
+from vlp.config import (ConfigError, ModelConfig, PretrainConfig, from_dict, load_config,
+                        parse_overrides, to_dict)
 
 
 def test_defaults_and_overrides():
@@ -76,3 +77,12 @@ def test_overrides_after_options_reach_the_config(tmp_path, capsys):
     assert main(["finetune", "vqa", "train.steps=2", "--out", str(tmp_path / "b"),
                  "train.nosuch=3"]) == 2
     assert "unknown config key 'train.nosuch'" in capsys.readouterr().err
+
+
+def test_override_values_lists_and_text():
+    """A whole `[...]` is a list; brace patterns and text YAML cannot read stay text."""
+    got = parse_overrides(["m.depths=[2, 2, 6]", "d.train=shards/{000..009}.tar",
+                           "d.val={a,b}.tar", "d.other=x: y: z", "d.ids=[1]x"])
+    assert got == {"m": {"depths": [2, 2, 6]},
+                   "d": {"train": "shards/{000..009}.tar", "val": "{a,b}.tar",
+                         "other": "x: y: z", "ids": "[1]x"}}

@@ -319,9 +319,21 @@ def test_config_validation_lists(tmp_path):
     path.write_text("model:\n  vision: {arch: swin, pool: mean, stage_depths: [2, 2]}\n")
     with pytest.raises(ConfigError, match="need one entry per stage"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"stage_depths='\[2,2\]' must be a list of positive"):
-        load_config(None, ["model.vision.arch=swin", "model.vision.pool=mean",
-                           "model.vision.stage_depths=[2,2]"])
+    # lists on the command line: key=[a,b], each element checked
+    swin = ["model.vision.arch=swin", "model.vision.pool=mean"]
+    cfg = load_config(None, [*swin, "model.vision.stage_depths=[2, 2]",
+                             "model.vision.stage_heads=[4,8]"])
+    assert (cfg.model.vision.stage_depths, cfg.model.vision.stage_heads) == ((2, 2), (4, 8))
+    with pytest.raises(ConfigError, match="need one entry per stage"):
+        load_config(None, [*swin, "model.vision.stage_depths=[2,2]"])
+    with pytest.raises(ConfigError, match=r"stage_depths\[1\]='x' has the wrong type; expected "
+                       "int"):
+        load_config(None, [*swin, "model.vision.stage_depths=[2,x]"])
+    with pytest.raises(ConfigError, match=r"stage_depths=2 must be a list of ints, e.g."):
+        load_config(None, [*swin, "model.vision.stage_depths=2"])
+    with pytest.raises(ConfigError, match=r"stage_depths=\[2, 0\] must be a list of positive"):
+        load_config(None, [*swin, "model.vision.stage_depths=[2,0]",
+                           "model.vision.stage_heads=[4,8]"])
     # every recipe takes a Swin tower (issue 13 part 2; tests/test_swin_families.py)
     for recipe in ("single_stream", "combined"):
         load_config(None, ["model.vision.arch=swin", "model.vision.pool=mean",

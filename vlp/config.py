@@ -416,6 +416,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # a path such as `123` parsed by YAML as a number
+    elif origin is tuple:  # tuple[int, ...]: a YAML list (or tuple) of ints
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+        raise ConfigError(f"{key}={value!r} must be a list of {item.__name__}s, e.g. "
+                          f"{key}=[2,2,6,2]")
     else:  # pragma: no cover - only the types above are used in the dataclasses
         return value
     raise ConfigError(f"{key}={value!r} has the wrong type; expected {tp.__name__}")
@@ -446,9 +452,14 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} must look like key=value (e.g. train.steps=100)")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        # Brace patterns like {00000..00009} parse as YAML mappings; keep them as strings.
-        if isinstance(value, (dict, list)):
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw  # text YAML cannot read (a path with `: `, say) is meant as text
+        # Brace patterns like {00000..00009} parse as YAML mappings: keep them as strings. A
+        # whole `[...]` is a list (model.vision.stage_depths=[2,2,6,2]); the key's type checks it.
+        if isinstance(value, dict) or (isinstance(value, list) and not (
+                raw.strip().startswith("[") and raw.strip().endswith("]"))):
             value = raw
         node = out
         parts = key.strip().split(".")
@@ -725,9 +736,8 @@ def _validate_swin(v: VisionConfig) -> None:
         value = getattr(v, key)
         if not (isinstance(value, (list, tuple)) and value and all(
                 isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
-            # key=value lists arrive as text (parse_overrides keeps them raw)
-            raise ConfigError(f"model.vision.{key}={value!r} must be a list of positive ints, "
-                              "one per stage, e.g. [2, 2, 6, 2] (set it in the YAML file)")
+            raise ConfigError(f"model.vision.{key}={list(value)!r} must be a list of positive "
+                              "ints, one per stage, e.g. [2, 2, 6, 2]")
     if len(v.stage_depths) != len(v.stage_heads):
         raise ConfigError(f"model.vision.stage_depths={list(v.stage_depths)} and "
                           f"model.vision.stage_heads={list(v.stage_heads)} need one entry per "
