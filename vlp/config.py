@@ -61,6 +61,11 @@ class VisionConfig(EncoderConfig):
     # swin only: the stage whose feature map RoIAlign pools (single-stream `roi_align` regions,
     # grounded objects of VCR / RefCOCO); Python indexing, -1 = the last stage
     roi_stage: int = -1
+    # stochastic depth in training: the image encoder's blocks drop each sample's residual
+    # branches with probabilities rising linearly from 0 (the first) to this (the last; timm's
+    # schedule; Swin-T pretrains with 0.2, ViT-B fine-tunes with 0.1 in BEiT/MAE); no weights,
+    # nothing at eval
+    drop_path_rate: float = 0.0
 
 
 @dataclass
@@ -349,6 +354,9 @@ class FinetuneVisionConfig:
     # fine-tune VQA and captioning above the pretraining resolution): learned patch positions
     # are resampled bicubically (vlp/models/resize.py), the image transform resizes to it
     image_size: int = 0
+    # stochastic depth of the image encoder in this run (as model.vision.drop_path_rate in
+    # pretraining; the pretraining run's rate is not inherited)
+    drop_path_rate: float = 0.0
 
 
 @dataclass
@@ -597,6 +605,13 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
                               f"model.{name}.heads={tower.heads}")
     _validate_train(cfg.train)
     _validate_locks(cfg)
+    check_drop_path(v.drop_path_rate)
+    tokens = cfg.model.visual_tokens
+    if v.drop_path_rate and cfg.recipe == "single_stream" and not (
+            tokens == "roi_align" or (tokens == "patches" and v.arch == "swin")):
+        raise ConfigError(f"model.vision.drop_path_rate={v.drop_path_rate}: this single-stream "
+                          f"model (visual_tokens={cfg.model.visual_tokens}, arch={v.arch}) has "
+                          "no image encoder blocks to drop (a Swin, or roi_align's ViT, has)")
     positive = {"model.text.context_length": t.context_length,
                 "tokenizer.max_captions": cfg.tokenizer.max_captions,
                 "model.embed_dim": cfg.model.embed_dim, "eval.batch_size": cfg.eval.batch_size}
@@ -758,8 +773,15 @@ def _validate_swin(v: VisionConfig) -> None:
                           f"{n}-stage Swin: use 0..{n - 1}, or -1 for the last")
 
 
+def check_drop_path(rate: float, key: str = "model.vision.drop_path_rate") -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f"{key}={rate} must be in [0, 1): the largest per-block drop "
+                          "probability (0.1-0.2 is usual; 0: off)")
+
+
 def _validate_finetune(cfg: FinetuneConfig) -> None:
     _validate_train(cfg.train)
+    check_drop_path(cfg.model.vision.drop_path_rate)
     if cfg.train.contrastive_accum != 1:
         raise ConfigError(f"train.contrastive_accum={cfg.train.contrastive_accum}: fine-tuning "
                           "tasks take one contrastive batch per micro-batch; use "

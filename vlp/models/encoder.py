@@ -262,18 +262,39 @@ class TokenGroups(Protocol):
     def join(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016; timm's DropPath): in training, each sample's
+    residual branch `x` is dropped with probability p, and kept ones are scaled by 1/(1-p) so
+    the expectation is the branch itself; the identity otherwise."""
+    if p <= 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+def set_drop_path(blocks, rate: float) -> None:
+    """Give `blocks` (in forward order) timm's linear stochastic-depth schedule,
+    torch.linspace(0, rate, n): none for the first block, `rate` for the last."""
+    blocks = list(blocks)
+    for block, p in zip(blocks, torch.linspace(0.0, rate, len(blocks)).tolist()):
+        block.drop_path = p
+
+
 class Block(nn.Module):
     """Residual block. Pre-LN (norm_first=True, GPT-2/CLIP/ViT/Swin): x + attn(ln_1(x)), then
     x + mlp(ln_2(x)). Post-LN (norm_first=False, BERT): ln_1(x + attn(x)), then
     ln_2(x + mlp(x)); ln_1/ln_2 are BERT's attention.output.LayerNorm / output.LayerNorm.
     With `groups`, the attention runs within each group (see TokenGroups) and `attn_mask` is
-    per group, e.g. an additive (G, nh, N, N) bias.
+    per group, e.g. an additive (G, nh, N, N) bias. `drop_path` > 0: stochastic depth on both
+    residual branches in training (set_drop_path).
     """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, norm_eps: float,
                  norm_first: bool = True):
         super().__init__()
         self.norm_first = norm_first
+        self.drop_path = 0.0
         self.ln_1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=norm_eps)
@@ -282,11 +303,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False, groups: TokenGroups | None = None,
                 cache: LayerKV | None = None) -> torch.Tensor:
+        p, training = self.drop_path, self.training
         if self.norm_first:
-            x = x + self._attend(self.ln_1(x), attn_mask, is_causal, groups, cache)
-            return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self._attend(x, attn_mask, is_causal, groups, cache))
-        return self.ln_2(x + self.mlp(x))
+            x = x + drop_path(self._attend(self.ln_1(x), attn_mask, is_causal, groups, cache),
+                              p, training)
+            return x + drop_path(self.mlp(self.ln_2(x)), p, training)
+        x = self.ln_1(x + drop_path(self._attend(x, attn_mask, is_causal, groups, cache), p,
+                                    training))
+        return self.ln_2(x + drop_path(self.mlp(x), p, training))
 
     def _attend(self, h: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool,
                 groups: TokenGroups | None, cache: LayerKV | None = None) -> torch.Tensor:

@@ -38,6 +38,7 @@ The fused path is the combined model's own (`Combined.fuse`, the text tower's
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -161,19 +162,27 @@ class JointEncoder(nn.Module):
     # ------------------------------------------------------------------ building
     @classmethod
     def from_pretrained(cls, path: str | Path, fusion: FusionConfig | None = None,
-                        image_size: int = 0) -> tuple["JointEncoder", Tokenizer, ImageTransform]:
+                        image_size: int = 0, drop_path_rate: float = 0.0,
+                        ) -> tuple["JointEncoder", Tokenizer, ImageTransform]:
         """The joint encoder of a pretrained model directory (its weights loaded), its
         tokenizer and eval transform; `image_size` > 0: at that image size (positions
-        resampled, vlp/models/resize.py)."""
+        resampled, vlp/models/resize.py); `drop_path_rate`: the image encoder's stochastic
+        depth for this run (the pretraining run's is not kept)."""
         folder = at_image_size(modeldir.read(path, ARCHITECTURES), image_size)
         arch = folder.architecture
         tokenizer = folder.tokenizer()
-        spec = {"architecture": arch, "model": folder.config["model"],
+        model = copy.deepcopy(folder.config["model"])
+        model.setdefault("vision", {})["drop_path_rate"] = drop_path_rate
+        spec = {"architecture": arch, "model": model,
                 "region_feature_dim": folder.config.get("region_feature_dim", 0),
                 "num_region_labels": len(folder.config.get("region_labels", []))}
         if arch == "dual_tower":
             spec["fusion"] = to_dict(fusion or FusionConfig(layers=2))
         encoder = cls(spec, tokenizer.vocab_size)
+        if drop_path_rate and not encoder.image_blocks():
+            raise ConfigError(f"model.vision.drop_path_rate={drop_path_rate}: {path} (a "
+                              f"{arch} model, visual_tokens={encoder.cfg.visual_tokens}) has no "
+                              "image encoder blocks to drop")
         # a combined directory keeps its towers in model.safetensors, everything in
         # combined.safetensors; a dual tower gets fresh fusion layers
         name = modeldir.COMBINED_WEIGHTS if arch == "combined" else modeldir.WEIGHTS
@@ -182,6 +191,17 @@ class JointEncoder(nn.Module):
         target = encoder.core.towers if arch == "dual_tower" else encoder.core
         modeldir.load_weights(target, state, str(folder.path / name))
         return encoder, tokenizer, folder.transform()
+
+    def image_blocks(self) -> list:
+        """The image encoder's blocks (stochastic depth's span); none for region features or
+        a single stream's ViT patches (their tokens go straight into the stream)."""
+        core = self.core
+        if self.architecture != "single_stream":
+            return core.towers.visual.blocks()
+        if getattr(core, "swin", None) is not None:
+            return core.swin.blocks()
+        encoder = getattr(core, "visual_encoder", None)
+        return list(encoder.blocks) if encoder is not None else []
 
     # ------------------------------------------------------------------ what it needs
     @property

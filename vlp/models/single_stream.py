@@ -26,7 +26,8 @@ from torch import nn
 
 from vlp.config import ModelConfig, VisionConfig
 from vlp.models.embed import BertEmbed, PatchEmbed
-from vlp.models.encoder import Transformer, build_attention_mask, make_activation
+from vlp.models.encoder import (Transformer, build_attention_mask, make_activation,
+                                set_drop_path)
 from vlp.models.regions import RegionEmbed, RoIRegionFeatures, grid_cell_boxes
 from vlp.models.swin import SwinFeatures, SwinTransformer
 
@@ -64,9 +65,11 @@ class MLMHead(nn.Module):
 
 def _build_swin(v: VisionConfig) -> SwinTransformer:
     """The Swin trunk of `model.vision` (what VisionTower builds, without its projection)."""
-    return SwinTransformer(v.width, v.stage_depths, v.stage_heads, patch_size=v.patch_size,
+    swin = SwinTransformer(v.width, v.stage_depths, v.stage_heads, patch_size=v.patch_size,
                            window_size=v.window_size, mlp_ratio=v.mlp_ratio, act=v.act,
                            norm_eps=v.norm_eps)
+    set_drop_path(swin.blocks(), v.drop_path_rate)
+    return swin
 
 
 class SingleStream(nn.Module):
@@ -106,6 +109,8 @@ class SingleStream(nn.Module):
                 self.region_feature_dim = v.width
             self.roi_pool = RoIRegionFeatures()
             self.region_embed = RegionEmbed(self.region_feature_dim, f.width, norm_eps=f.norm_eps)
+            if not self.swin_tokens:
+                set_drop_path(self.visual_encoder.blocks, v.drop_path_rate)
         else:
             raise ValueError(f"unknown visual_tokens {self.kind!r}; choose patches, regions or "
                              "roi_align")

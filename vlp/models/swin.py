@@ -323,6 +323,10 @@ class SwinTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.out_width, eps=norm_eps)
         self._init_weights()
 
+    def blocks(self) -> list:
+        """Every stage's blocks, in forward order (what stochastic depth's schedule spans)."""
+        return [block for stage in self.stages for block in stage.blocks]
+
     def _init_weights(self) -> None:
         # as the one Transformer: N(0, 0.02) linears, zero biases, GPT-2's depth-scaled residual
         # projections (Swin's own is truncated N(0, 0.02) without the scaling)

@@ -27,7 +27,7 @@ from vlp.config import EncoderConfig, ModelConfig, TextConfig, VisionConfig, to_
 from vlp.data.transforms import ImageTransform
 from vlp.models.bert_init import load_bert_weights
 from vlp.models.embed import BertEmbed, PatchEmbed, TextEmbed, resample_pos_embed
-from vlp.models.encoder import Transformer, build_attention_mask
+from vlp.models.encoder import Transformer, build_attention_mask, set_drop_path
 from vlp.models.swin import SwinFeatures, SwinTransformer
 
 
@@ -59,8 +59,13 @@ class VisionTower(nn.Module):
             self.width = cfg.width
         else:
             raise ValueError(f"unknown model.vision.arch {cfg.arch!r}; choose vit or swin")
+        set_drop_path(self.blocks(), cfg.drop_path_rate)
         self.proj = nn.Linear(self.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=self.width ** -0.5)
+
+    def blocks(self) -> list:
+        """The encoder's blocks in forward order (a Swin's across its stages)."""
+        return self.swin.blocks() if self.cfg.arch == "swin" else list(self.transformer.blocks)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         if self.cfg.arch == "swin":

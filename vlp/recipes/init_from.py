@@ -29,7 +29,8 @@ ACCEPTS = {"dual_tower": ("dual_tower", "combined"),
            "single_stream": ("single_stream",)}
 # model.* keys a run may set freely: they do not change the weights' shapes or meaning (a new
 # image size resamples the learned position grid: vlp/models/resize.py)
-FREE = ("init_from", "init_logit_scale", "max_logit_scale", "vision.image_size")
+FREE = ("init_from", "init_logit_scale", "max_logit_scale", "vision.image_size",
+        "vision.drop_path_rate")
 
 
 def _read(cfg: PretrainConfig) -> modeldir.ModelDir | None:
@@ -80,7 +81,8 @@ def adopt_start(cfg: PretrainConfig, given: set[str] | None = None
                 "override (or start from random weights without model.init_from)")
     model = replace(saved, init_from=source, init_text_from="",
                     init_logit_scale=cfg.model.init_logit_scale,
-                    max_logit_scale=cfg.model.max_logit_scale)
+                    max_logit_scale=cfg.model.max_logit_scale,
+                    vision=replace(saved.vision, drop_path_rate=cfg.model.vision.drop_path_rate))
     if fresh_fusion:
         model = replace(model, fusion=cfg.model.fusion)
     size = cfg.model.vision.image_size

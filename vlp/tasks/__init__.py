@@ -84,7 +84,8 @@ def finetune(cfg: FinetuneConfig, out_dir: str | Path, *, resume: str | None = N
         root = benchmark_root(cfg.data, False)
     resume_from = resolve_resume(out_dir, resume)
     encoder, tokenizer, transform = JointEncoder.from_pretrained(
-        cfg.init_from, cfg.fusion, image_size=cfg.model.vision.image_size)
+        cfg.init_from, cfg.fusion, image_size=cfg.model.vision.image_size,
+        drop_path_rate=cfg.model.vision.drop_path_rate)
     task = build_task(cfg, encoder, tokenizer, transform, root, world.size)
     source = MapSource(task.dataset("train"), task.collate, batch_size=cfg.train.batch_size,
                        seed=cfg.train.seed, rank=world.rank, world_size=world.size,
