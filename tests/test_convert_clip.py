@@ -338,6 +338,7 @@ def test_round_trip_vlp_to_hf_clip(tmp_path, pos_embed):
     (dict(vision=dict(pool="mean")), "model.vision.pool='mean'"),
     (dict(text=dict(mask="bidirectional")), "model.text.mask='bidirectional'"),
     (dict(text=dict(pool="mean")), "model.text.pool='mean'"),
+    (dict(text=dict(norm_first=False)), "model.text.norm_first=False.*a BERT text tower"),
 ])
 def test_to_hf_clip_refuses_what_clip_cannot_express(change, message):
     tok = train_tokenizer(TRAIN_TEXTS, vocab_size=200)

@@ -241,7 +241,10 @@ def hf_config_from_model(cfg: ModelConfig, tokenizer: Tokenizer, logit_scale: fl
                  "CLIP's vision tower always applies a LayerNorm (pre_layrnorm) to the "
                  "embeddings, so a model trained without one cannot be written as CLIP"),
                 ("model.text.mask", t.mask, "causal", "CLIP's text tower is causal"),
-                ("model.text.pool", t.pool, "eos", "CLIP pools the end-of-text token")]
+                ("model.text.pool", t.pool, "eos", "CLIP pools the end-of-text token"),
+                ("model.text.norm_first", t.norm_first, True,
+                 "CLIP's text blocks are pre-LN with a final LayerNorm; a BERT text tower "
+                 "(post-LN, segment embeddings) has no CLIP counterpart")]
     for key, value, valid, why in refusals:
         if value != valid:
             raise ValueError(f"{source}: {key}={value!r} cannot be written as a CLIPModel "
