@@ -120,6 +120,7 @@ def test_vqa_api_answers_as_the_model(vqa_server, vqa_dir, images):
     status, info = call(vqa_server, "GET", "/api/info")
     assert status == 200 and info["task"] == "vqa" and info["visual_tokens"] == "patches"
     assert info["settings"]["answers"] == len(model.answers)
+    assert info["settings"]["head"] == "classify"
     assert info["settings"]["max_top_k"] == MAX_TOP_K
 
     jpeg = images[0].read_bytes()

@@ -7,7 +7,11 @@ ask a question or get its caption, from a web page or a JSON API.
                          -> {"caption"}
     POST /api/vqa        multipart fields "image" + "question" (+ optional "top_k"), or the
                          raw image body with ?question=...&top_k=...
-                         -> {"answer", "top": [[answer, probability], ...]}  (top_k, default 5)
+                         -> {"answer", "top": [[answer, probability], ...]}  (top_k, default 5;
+                         the probability is the model's head's: a classifier's sigmoid score
+                         (vqa.head=classify), the likelihood normalised over the answer list
+                         (rank), or the decoded answer's sequence probability, one entry
+                         (generate); /api/info's settings name the head)
 
 The same `Service` and `Server` as the search (vlp/retrieval/serve.py): the same body, image and
 text limits, JSON errors, micro-batching and loopback default. The model runs in the batcher's
@@ -130,7 +134,8 @@ class ModelService(Service):
     def _settings(self) -> dict:
         m = self.model
         if self.task == "vqa":
-            return {"answers": len(m.answers), "max_question_length": m.max_length,
+            return {"head": m.head, "answers": len(m.answers),
+                    "max_question_length": m.max_length,
                     "default_top_k": DEFAULT_TOP_K, "max_top_k": MAX_TOP_K}
         return {"beam_size": m.beam_size, "max_length": m.max_length,
                 "length_penalty": m.length_penalty}
