@@ -67,11 +67,18 @@ class CachedStep:
         if self.state is None:
             self.state, self.prefix = self.prefix.select(images), None
             self.rows = len(images)
-        if len(tokens) != self.rows or tokens.shape[1] != self.state.position + 1:
-            raise ValueError(f"CachedStep holds {self.rows} rows of {self.state.position} "
-                             f"words but was given tokens {tuple(tokens.shape)}: the search "
-                             "must extend each row by one word and report kept rows by "
-                             "reorder(index)")
+        self._check(tokens, self.state.position + 1, f"{self.state.position} words")
+        return self._next_word(tokens)
+
+    def _check(self, tokens: torch.Tensor, length: int, holds: str) -> None:
+        """The search must hand back the rows it kept, each one word longer (`length`)."""
+        if len(tokens) != self.rows or tokens.shape[1] != length:
+            raise ValueError(f"{type(self).__name__} holds {self.rows} rows of {holds} but was "
+                             f"given tokens {tuple(tokens.shape)}: the search must extend each "
+                             "row by one word and report kept rows by reorder(index)")
+
+    def _next_word(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits after each row's newest word, which alone is encoded."""
         hidden = self.backbone.decode_step(tokens[:, -1:], self.state)  # (N, 1, W)
         return self.backbone.mlm_head(hidden[:, -1])
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlp.models.encoder import KVCache
+from vlp.models.heads.caption import CachedStep
 from vlp.models.joint import DecodeState
 
 
@@ -93,12 +94,13 @@ def encode_questions(backbone, encoded: dict, question_ids: torch.Tensor
     return state, backbone.mlm_head(hidden[:, -1])
 
 
-class AnswerStep:
+class AnswerStep(CachedStep):
     """A step function for captioning's `greedy_search` / `beam_search` that continues after
     the question (`encode_questions`): the first call returns the first answer token's logits
     (its rows pick their question, `images`), later calls encode each row's newest token
     against the cache. The searches' start token stands for the question's [SEP], already
-    encoded. Pass `reorder=step.reorder` to the search."""
+    encoded. Pass `reorder=step.reorder` to the search. A CachedStep (its checks, word step
+    and reorder) whose state starts after the question rather than at the image."""
 
     def __init__(self, backbone, state: DecodeState, first_logits: torch.Tensor):
         self.backbone, self.state, self.first = backbone, state, first_logits
@@ -111,18 +113,9 @@ class AnswerStep:
             self.state.select(images)
             self.rows = len(images)
             return logits
-        if len(tokens) != self.rows or tokens.shape[1] != self.state.position - self.start + 2:
-            raise ValueError(f"AnswerStep holds {self.rows} rows of "
-                             f"{self.state.position - self.start} answer words but was given "
-                             f"tokens {tuple(tokens.shape)}: the search must extend each row "
-                             "by one word and report kept rows by reorder(index)")
-        hidden = self.backbone.decode_step(tokens[:, -1:], self.state)  # (N, 1, W)
-        return self.backbone.mlm_head(hidden[:, -1])
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """The next call's rows are this call's rows `index` (N',)."""
-        self.state.select(index)
-        self.rows = len(index)
+        answered = self.state.position - self.start
+        self._check(tokens, answered + 2, f"{answered} answer words")
+        return self._next_word(tokens)
 
 
 def _fork(state: DecodeState, index: torch.Tensor) -> DecodeState:
