@@ -9,7 +9,8 @@ import torch
 
 from vlp.config import ConfigError, TrainConfig
 from vlp.engine import checkpoint, deepspeed_config, dist
-from vlp.engine.engine import Engine, param_groups
+from vlp.engine.engine import Engine
+from vlp.engine.optim import param_groups
 from vlp.engine.schedule import warmup_cosine
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"

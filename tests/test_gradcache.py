@@ -34,7 +34,8 @@ from vlp.data.shards import expand_urls
 from vlp.data.synth import generate
 from vlp.data.transforms import ImageTransform
 from vlp.engine import dist, gradcache
-from vlp.engine.engine import Engine, param_groups
+from vlp.engine.engine import Engine
+from vlp.engine.optim import param_groups
 from vlp.models import DualTower
 from vlp.objectives import clip_loss
 from vlp.recipes.dual_tower import DualTowerRecipe

@@ -176,7 +176,7 @@ def test_swin_blocks_count_across_stages():
 
 def test_plain_groups_are_the_weight_decay_split():
     """No lock, no multiplier: the two groups of before (decay, no decay) at train.lr."""
-    from vlp.engine.engine import param_groups
+    from vlp.engine.optim import param_groups
 
     model = _dual()
     groups = build_param_groups(model, TrainConfig(lr=0.3, weight_decay=0.2))

@@ -371,7 +371,8 @@ def test_deepspeed_step_matches_plain_pytorch(world, tmp_path, stage, ckpt):
     checkpointing, and ZeRO-0) give the weights plain PyTorch AdamW gives."""
     from pathlib import Path
 
-    from vlp.engine.engine import Engine, param_groups
+    from vlp.engine.engine import Engine
+    from vlp.engine.optim import param_groups
     from vlp.engine.schedule import warmup_cosine
 
     configs = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"

@@ -20,7 +20,7 @@ from torch import nn
 from vlp.config import TrainConfig
 from vlp.engine import deepspeed_config, safe_load
 from vlp.engine.dist import World
-from vlp.engine.optim import build_param_groups, param_groups  # noqa: F401 (tests import it)
+from vlp.engine.optim import build_param_groups
 from vlp.engine.schedule import warmup_cosine
 
 

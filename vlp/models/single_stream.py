@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.config import ModelConfig, VisionConfig
+from vlp.config import ModelConfig
 from vlp.models.embed import BertEmbed, PatchEmbed
 from vlp.models.encoder import (Transformer, build_attention_mask, make_activation,
                                 set_drop_path)
 from vlp.models.regions import RegionEmbed, RoIRegionFeatures, grid_cell_boxes
-from vlp.models.swin import SwinFeatures, SwinTransformer
+from vlp.models.swin import SwinFeatures, build_swin
 
 TEXT, VISUAL = 0, 1  # segment (token type) ids
 
@@ -63,15 +63,6 @@ class MLMHead(nn.Module):
         return F.linear(h, self.word_embeddings.weight, self.bias)
 
 
-def _build_swin(v: VisionConfig) -> SwinTransformer:
-    """The Swin trunk of `model.vision` (what VisionTower builds, without its projection)."""
-    swin = SwinTransformer(v.width, v.stage_depths, v.stage_heads, patch_size=v.patch_size,
-                           window_size=v.window_size, mlp_ratio=v.mlp_ratio, act=v.act,
-                           norm_eps=v.norm_eps)
-    set_drop_path(swin.blocks(), v.drop_path_rate)
-    return swin
-
-
 class SingleStream(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, region_feature_dim: int = 0,
                  num_region_labels: int = 0, heads: tuple[str, ...] = ("mlm", "mrc", "mrfr",
@@ -86,7 +77,7 @@ class SingleStream(nn.Module):
         v = cfg.vision
         self.swin_tokens = v.arch == "swin" and self.kind in ("patches", "roi_align")
         if self.kind == "patches" and self.swin_tokens:
-            self.swin = _build_swin(v)
+            self.swin = build_swin(v)
             # final-stage tokens + their cells' boxes -> visual tokens (module docstring)
             self.grid_embed = RegionEmbed(self.swin.out_width, f.width, norm_eps=f.norm_eps)
         elif self.kind == "patches":
@@ -98,7 +89,7 @@ class SingleStream(nn.Module):
             self.region_embed = RegionEmbed(region_feature_dim, f.width, norm_eps=f.norm_eps)
         elif self.kind == "roi_align":
             if self.swin_tokens:
-                self.swin = _build_swin(v)
+                self.swin = build_swin(v)
                 self.roi_stage = v.roi_stage % len(self.swin.widths)  # -1: the last
                 self.region_feature_dim = self.swin.widths[self.roi_stage]
             else:

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlp.models.encoder import Block
+from vlp.config import VisionConfig
+from vlp.models.encoder import Block, set_drop_path
 
 # Swin's (and HF's) value for pairs of tokens from different regions of a shifted window
 SHIFT_MASK_VALUE = -100.0
@@ -361,3 +362,13 @@ class SwinTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, h*w, out_width): the last stage's tokens after the final norm."""
         return self.forward_stages(pixel_values).tokens
+
+
+def build_swin(v: VisionConfig) -> SwinTransformer:
+    """The Swin trunk `model.vision` describes (a vision tower's, a single stream's), with its
+    stochastic-depth schedule."""
+    swin = SwinTransformer(v.width, v.stage_depths, v.stage_heads, patch_size=v.patch_size,
+                           window_size=v.window_size, mlp_ratio=v.mlp_ratio, act=v.act,
+                           norm_eps=v.norm_eps)
+    set_drop_path(swin.blocks(), v.drop_path_rate)
+    return swin

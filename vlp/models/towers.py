@@ -28,7 +28,7 @@ from vlp.data.transforms import ImageTransform
 from vlp.models.bert_init import load_bert_weights
 from vlp.models.embed import BertEmbed, PatchEmbed, TextEmbed, resample_pos_embed
 from vlp.models.encoder import Transformer, build_attention_mask, set_drop_path
-from vlp.models.swin import SwinFeatures, SwinTransformer
+from vlp.models.swin import SwinFeatures, build_swin
 
 
 def build_transformer(cfg: EncoderConfig) -> Transformer:
@@ -44,10 +44,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         if cfg.arch == "swin":
-            self.swin = SwinTransformer(cfg.width, cfg.stage_depths, cfg.stage_heads,
-                                        patch_size=cfg.patch_size, window_size=cfg.window_size,
-                                        mlp_ratio=cfg.mlp_ratio, act=cfg.act,
-                                        norm_eps=cfg.norm_eps)
+            self.swin = build_swin(cfg)
             self.width = self.swin.out_width
         elif cfg.arch == "vit":
             self.embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.width, class_token=True,
@@ -56,10 +53,10 @@ class VisionTower(nn.Module):
             self.ln_pre = (nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm
                            else nn.Identity())
             self.transformer = build_transformer(cfg)
+            set_drop_path(self.transformer.blocks, cfg.drop_path_rate)
             self.width = cfg.width
         else:
             raise ValueError(f"unknown model.vision.arch {cfg.arch!r}; choose vit or swin")
-        set_drop_path(self.blocks(), cfg.drop_path_rate)
         self.proj = nn.Linear(self.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=self.width ** -0.5)
 
