@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import warnings
 
 import pytest
@@ -25,6 +26,7 @@ from vlp.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
 from vlp.convert.hf_clip import from_hf_clip, hf_config_from_model  # noqa: E402
 from vlp.convert.open_clip import from_open_clip, tokenizer_from_bpe_gz  # noqa: E402
 from vlp.data.transforms import ImageTransform  # noqa: E402
+from vlp.modeldir import ModelDirError  # noqa: E402
 from vlp.models import DualTower  # noqa: E402
 from vlp.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
@@ -287,6 +289,22 @@ def test_hf_clip_refusals(converted, tmp_path):
     (folder / "tokenizer.json").symlink_to(src / "tokenizer.json")
     with pytest.raises(ValueError, match="vision_model.pre_layrnorm.weight"):
         from_hf_clip(folder, tmp_path / "out")
+    # a pytorch_model.bin that would run code when unpickled is refused; nothing runs
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "pickle"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save({**sd, "x": Payload()}, folder / "pytorch_model.bin")
+    (folder / "tokenizer.json").symlink_to(src / "tokenizer.json")
+    with pytest.raises(ModelDirError, match="pytorch_model.bin: refused: not a plain tensor "
+                       "checkpoint.*GLOBAL posix.system"):
+        from_hf_clip(folder, tmp_path / "out")
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------ vlp -> HF

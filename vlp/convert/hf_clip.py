@@ -117,26 +117,6 @@ def model_config_from_hf(cfg: dict) -> ModelConfig:
                        init_logit_scale=float(cfg["logit_scale_init_value"]))
 
 
-def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint in `folder` (model.safetensors, a sharded
-    model.safetensors.index.json, or pytorch_model.bin read with weights_only=True)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        sd: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            sd.update(load_file(folder / shard))
-        return sd
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{str(folder)!r} has no weights: expected model.safetensors, "
-                            "model.safetensors.index.json or pytorch_model.bin")
-
-
 # ------------------------------------------------------------------------------------ mapping
 def _pairs(vision_layers: int, text_layers: int) -> list[tuple[str, list[str]]]:
     """(our key, [HF keys concatenated on dim 0 into it]) for every weight but the patch
@@ -337,7 +317,8 @@ def from_hf_clip(src: str | Path, out: str | Path) -> Path:
     elif tokenizer.sep_id != t["eos_token_id"]:
         raise ValueError(f"{src}/config.json: text_config.eos_token_id={t['eos_token_id']} "
                          f"but the tokenizer's end-of-text id is {tokenizer.sep_id}")
-    model = dual_tower_from_hf_state(read_state_dict(src), cfg, str(src))
+    model = dual_tower_from_hf_state(
+        modeldir.read_checkpoint(src, "Hugging Face CLIP folder"), cfg, str(src))
     transform = transform_from_hf(src, cfg.vision.image_size)
     return Pretrained(model, tokenizer, transform).save(out)
 
