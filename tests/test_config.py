@@ -86,3 +86,19 @@ def test_override_values_lists_and_text():
     assert got == {"m": {"depths": [2, 2, 6]},
                    "d": {"train": "shards/{000..009}.tar", "val": "{a,b}.tar",
                          "other": "x: y: z", "ids": "[1]x"}}
+
+
+def test_a_saved_config_reloads_unchanged():
+    """What --resume does: config.yaml back through load_config(base=...) changes nothing,
+    list-typed keys included (tuples in the config, lists in the file)."""
+    import yaml
+
+    from vlp.config import resume_changes
+
+    cfg = load_config(None, ["model.vision.arch=swin", "model.vision.pool=mean",
+                             "model.vision.stage_depths=[2,2]", "model.vision.stage_heads=[4,8]"])
+    saved = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
+    assert saved["model"]["vision"]["stage_depths"] == [2, 2]
+    again = load_config(None, [], base=saved)
+    assert again.model.vision.stage_depths == (2, 2)
+    assert resume_changes(saved, to_dict(again), "config.yaml") == []

@@ -815,7 +815,14 @@ def _validate_finetune(cfg: FinetuneConfig) -> None:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data, as YAML/JSON hold it: tuple-typed keys (stage_depths) as
+    lists, so a dict from a file and one from a live config compare equal."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    return plain(dataclasses.asdict(cfg))
 
 
 def from_dict(cls: type, data: dict) -> Any:
