@@ -21,6 +21,7 @@ import argparse
 import io
 import json
 import tarfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -137,6 +138,11 @@ def main() -> None:
                          "can this tower learn shape at all in that many steps?")
     ap.add_argument("--supervised-patch", type=int, default=0,
                     help="the fresh tower's patch size (default: the model's)")
+    ap.add_argument("--supervised-stem", choices=["patch", "conv"],
+                    help="the fresh tower's stem (model.vision.stem; default: the model's)")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train the fresh tower from this many seeds (0, 1, ...): from scratch "
+                         "a ViT's outcome varies with its seed")
     ap.add_argument("--skip-probes", action="store_true",
                     help="only the supervised tower (with --supervised-steps)")
     args = ap.parse_args()
@@ -160,29 +166,40 @@ def main() -> None:
         vision = model.model.cfg.vision
         if args.supervised_patch:
             vision = replace(vision, patch_size=args.supervised_patch)
-        acc = supervised_tower(vision, model.model.cfg.embed_dim, views_pixels(model, fit),
-                               fit_shape, views_pixels(model, samples), shape_y,
-                               args.supervised_steps)
-        print(f"fresh image tower (patch {vision.patch_size}) trained on the shape labels of "
-              f"{len(fit)} images ({args.supervised_steps} steps of 128): val shape top-1 "
-              f"{acc:.1f}%")
+        if args.supervised_stem:
+            vision = replace(vision, stem=args.supervised_stem)
+        pixels, val_pixels = views_pixels(model, fit), views_pixels(model, samples)
+        accs = []
+        for seed in range(args.seeds):
+            started = time.time()
+            accs.append(supervised_tower(vision, model.model.cfg.embed_dim, pixels, fit_shape,
+                                         val_pixels, shape_y, args.supervised_steps, seed))
+            rate = args.supervised_steps * 128 / (time.time() - started)
+            print(f"fresh image tower (patch {vision.patch_size}, stem {vision.stem}, seed "
+                  f"{seed}) trained on the shape labels of {len(fit)} images "
+                  f"({args.supervised_steps} steps of 128, {rate:.0f} samples/s): val shape "
+                  f"top-1 {accs[-1]:.1f}%", flush=True)
+        if len(accs) > 1:
+            print(f"  mean over {len(accs)} seeds {sum(accs) / len(accs):.1f}% (min "
+                  f"{min(accs):.1f}, max {max(accs):.1f})")
 
 
 def views_pixels(model, items) -> torch.Tensor:
     return torch.stack([model.transform(s[0]) for s in items])
 
 
-def supervised_tower(vision, embed_dim: int, pixels, y, val_pixels, val_y, steps: int) -> float:
+def supervised_tower(vision, embed_dim: int, pixels, y, val_pixels, val_y, steps: int,
+                     seed: int = 0) -> float:
     """A fresh VisionTower of config `vision` and a linear head, trained with cross-entropy on
     (pixels, y); its accuracy on the val pixels."""
     from vlp.models.towers import VisionTower
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tower = VisionTower(vision, embed_dim)
     head = torch.nn.Linear(embed_dim, int(y.max()) + 1)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(len(y), (128,), generator=g)
         opt.zero_grad()

@@ -44,6 +44,12 @@ class VisionConfig(EncoderConfig):
     image_size: int = 64
     patch_size: int = 8
     pos_embed: Literal["learned", "sincos"] = "learned"  # vit only
+    # vit only: how pixels become patch tokens. patch: one linear projection per patch (ViT,
+    # CLIP); conv: a convolutional stem, log2(patch_size) 3x3 stride-2 convolutions with
+    # channels doubling from stem_channels (Xiao et al. 2021; vlp/models/embed.py ConvStem):
+    # the same grid, overlapping receptive fields
+    stem: Literal["patch", "conv"] = "patch"
+    stem_channels: int = 16
     pool: Literal["cls", "mean"] = "cls"  # swin has no class token: pool=mean
     # a LayerNorm on the embeddings before the first block (CLIP's `ln_pre` / HF's
     # `pre_layrnorm`); needed to load or export CLIP weights. vit only (Swin always has one)
@@ -606,6 +612,7 @@ def validate(cfg: PretrainConfig | FinetuneConfig) -> None:
     _validate_train(cfg.train)
     _validate_locks(cfg)
     check_drop_path(v.drop_path_rate)
+    _validate_stem(v)
     tokens = cfg.model.visual_tokens
     if v.drop_path_rate and cfg.recipe == "single_stream" and not (
             tokens == "roi_align" or (tokens == "patches" and v.arch == "swin")):
@@ -744,6 +751,20 @@ def _validate_locks(cfg: PretrainConfig) -> None:
     if tr.head_lr_mult != 1.0:
         raise ConfigError(f"train.head_lr_mult={tr.head_lr_mult}: pretraining has no task head "
                           "(the key is for vlp finetune); drop it")
+
+
+def _validate_stem(v: VisionConfig) -> None:
+    if v.stem != "conv":
+        return
+    if v.arch == "swin":
+        raise ConfigError("model.vision.stem=conv is the ViT's convolutional stem; a Swin tower "
+                          "has its own patch partition: leave model.vision.stem=patch")
+    if v.patch_size < 2 or v.patch_size & (v.patch_size - 1):
+        raise ConfigError(f"model.vision.stem=conv halves the image per convolution: "
+                          f"model.vision.patch_size={v.patch_size} must be a power of two "
+                          "(2, 4, 8, 16, ...)")
+    if v.stem_channels <= 0:
+        raise ConfigError(f"model.vision.stem_channels={v.stem_channels} must be > 0")
 
 
 def _validate_swin(v: VisionConfig) -> None:

@@ -217,6 +217,8 @@ def hf_config_from_model(cfg: ModelConfig, tokenizer: Tokenizer, logit_scale: fl
     refusals = [("model.vision.arch", v.arch, "vit",
                  "CLIPModel's vision tower is a ViT; it has no Swin tower"),
                 ("model.vision.pool", v.pool, "cls", "CLIP pools the class token"),
+                ("model.vision.stem", v.stem, "patch",
+                 "CLIP embeds patches with one linear projection; it has no convolutional stem"),
                 ("model.vision.pre_norm", v.pre_norm, True,
                  "CLIP's vision tower always applies a LayerNorm (pre_layrnorm) to the "
                  "embeddings, so a model trained without one cannot be written as CLIP"),

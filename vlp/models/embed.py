@@ -1,6 +1,7 @@
 """Visual and word tokenizers in front of the unified Transformer.
 
-PatchEmbed: image -> (class token +) patch tokens with learned or fixed 2-D sin-cos positions.
+PatchEmbed: image -> (class token +) patch tokens (a patchify, or ConvStem's convolutions) with
+            learned or fixed 2-D sin-cos positions.
             `resample_pos_embed` / `resize_image_state` carry learned positions to another image
             size (fine-tuning at a higher resolution, as BLIP, METER and LAVIS do).
 TextEmbed:  token ids -> token + learned position embeddings.
@@ -36,18 +37,53 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
     return torch.cat([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], dim=1)
 
 
+class ConvStem(nn.Module):
+    """A convolutional stem in place of the patchify (Xiao et al. 2021, "Early Convolutions
+    Help Transformers See Better"): log2(patch_size) 3x3 stride-2 convolutions, each followed by
+    a GroupNorm over all its channels and a GELU, channels doubling from `channels`, then a 1x1
+    convolution to `width`. The same token grid as a patch_size patchify, but each token sees
+    overlapping, growing receptive fields. (Xiao et al. use BatchNorm + ReLU; GroupNorm(1)
+    needs no batch statistics, so it is the same in training and evaluation, on any number of
+    processes.)"""
+
+    def __init__(self, patch_size: int, width: int, channels: int = 16):
+        super().__init__()
+        convs = patch_size.bit_length() - 1
+        if patch_size < 2 or 2 ** convs != patch_size:
+            raise ValueError(f"a conv stem halves the image per convolution: patch_size="
+                             f"{patch_size} must be a power of two >= 2")
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i in range(convs):
+            c_out = channels * 2 ** i
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(1, c_out),
+                       nn.GELU()]
+            c_in = c_out
+        layers.append(nn.Conv2d(c_in, width, 1))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.layers(pixel_values)  # (B, width, H / patch, W / patch)
+
+
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> linear projection (a strided conv) -> + positions."""
+    """Non-overlapping patches -> linear projection (a strided conv), or a convolutional stem
+    (`stem="conv"`: ConvStem) -> + positions."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, *, class_token: bool = True,
-                 pos_embed: str = "learned"):
+                 pos_embed: str = "learned", stem: str = "patch", stem_channels: int = 16):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
         self.image_size, self.patch_size = image_size, patch_size
         self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size ** 2
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        if stem == "patch":
+            self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        elif stem == "conv":
+            self.proj = ConvStem(patch_size, width, stem_channels)
+        else:
+            raise ValueError(f"unknown stem {stem!r}; choose patch or conv")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
         n_tokens = self.num_patches + (1 if class_token else 0)
         if pos_embed == "learned":

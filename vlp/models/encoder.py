@@ -277,8 +277,9 @@ def set_drop_path(blocks, rate: float) -> None:
     """Give `blocks` (in forward order) timm's linear stochastic-depth schedule,
     torch.linspace(0, rate, n): none for the first block, `rate` for the last."""
     blocks = list(blocks)
-    for block, p in zip(blocks, torch.linspace(0.0, rate, len(blocks)).tolist()):
-        block.drop_path = p
+    n = len(blocks)
+    for i, block in enumerate(blocks):  # plain floats: towers are also built on "meta"
+        block.drop_path = rate * i / (n - 1) if n > 1 else 0.0
 
 
 class Block(nn.Module):

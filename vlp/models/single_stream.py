@@ -81,7 +81,8 @@ class SingleStream(nn.Module):
             # final-stage tokens + their cells' boxes -> visual tokens (module docstring)
             self.grid_embed = RegionEmbed(self.swin.out_width, f.width, norm_eps=f.norm_eps)
         elif self.kind == "patches":
-            self.patch_embed = PatchEmbed(v.image_size, v.patch_size, f.width, class_token=False)
+            self.patch_embed = PatchEmbed(v.image_size, v.patch_size, f.width, class_token=False,
+                                          stem=v.stem, stem_channels=v.stem_channels)
         elif self.kind == "regions":
             if region_feature_dim <= 0:
                 raise ValueError("visual_tokens=regions needs region_feature_dim (the width of "
@@ -94,7 +95,8 @@ class SingleStream(nn.Module):
                 self.region_feature_dim = self.swin.widths[self.roi_stage]
             else:
                 self.patch_embed = PatchEmbed(v.image_size, v.patch_size, v.width,
-                                              class_token=False, pos_embed=v.pos_embed)
+                                              class_token=False, pos_embed=v.pos_embed,
+                                              stem=v.stem, stem_channels=v.stem_channels)
                 self.visual_encoder = Transformer(v.width, v.layers, v.heads, v.mlp_ratio,
                                                   v.act, v.norm_eps)
                 self.region_feature_dim = v.width

@@ -48,7 +48,8 @@ class VisionTower(nn.Module):
             self.width = self.swin.out_width
         elif cfg.arch == "vit":
             self.embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.width, class_token=True,
-                                    pos_embed=cfg.pos_embed)
+                                    pos_embed=cfg.pos_embed, stem=cfg.stem,
+                                    stem_channels=cfg.stem_channels)
             # CLIP's ln_pre; an Identity (no parameters) otherwise, so older checkpoints load
             self.ln_pre = (nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.pre_norm
                            else nn.Identity())
@@ -101,7 +102,7 @@ class VisionTower(nn.Module):
 # not depend on it), and so may Swin's window (its tables are resampled). A LayerNorm eps is no
 # weight, but a different one computes something else.
 _ARCH_KEYS = {"vit": ("width", "layers", "heads", "mlp_ratio", "act", "norm_eps", "patch_size",
-                      "pos_embed", "pre_norm"),
+                      "pos_embed", "pre_norm", "stem", "stem_channels"),
               "swin": ("width", "stage_depths", "stage_heads", "mlp_ratio", "act", "norm_eps",
                        "patch_size")}
 # the kinds of model directory an image tower can start from: their config says its shape and
