@@ -15,8 +15,10 @@ from vlp.cli import main
 from vlp.config import ConfigError, load_config
 from vlp.models import DualTower
 from vlp.models.towers import init_text_tower
+from vlp.recipes import build_recipe
 from vlp.recipes.combined import CombinedRecipe
 from vlp.recipes.dual_tower import DualTowerRecipe, resolve_tower_inits
+from vlp.recipes.single_stream import adopt_bert_shape
 from vlp.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -227,3 +229,61 @@ def test_vlp_pretrain_starts_from_bert(berts, tmp_path):
         torch.testing.assert_close(trained[ours], theirs, rtol=0, atol=1e-8)
     assert json.loads((out / "model" / "config.json").read_text())["model"]["text"][
         "init_from"] == str(folder)
+
+
+@pytest.fixture(scope="module")
+def bert_mlm(tmp_path_factory):
+    """(BertForMaskedLM, its folder): a BERT checkpoint with its MLM head."""
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=len(VOCAB),
+                                                                **SHAPES["w64"])).eval()
+    with torch.no_grad():
+        for p in bert.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp("bert_mlm")
+    bert.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return bert, folder
+
+
+def _assert_bert_mlm_head(ours, bert) -> None:
+    head = bert.cls.predictions
+    for mine, theirs in ((ours.dense.weight, head.transform.dense.weight),
+                         (ours.dense.bias, head.transform.dense.bias),
+                         (ours.norm.weight, head.transform.LayerNorm.weight),
+                         (ours.norm.bias, head.transform.LayerNorm.bias), (ours.bias, head.bias)):
+        assert torch.equal(mine, theirs)
+    assert torch.equal(ours.word_embeddings.weight,
+                       bert.bert.embeddings.word_embeddings.weight)  # the tied decoder
+
+
+def test_the_single_stream_starts_its_mlm_head_from_bert(bert_mlm, ft_world, capsys):
+    bert, folder = bert_mlm
+    cfg, _ = adopt_bert_shape(load_config(overrides=[
+        "recipe=single_stream", "model.visual_tokens=patches", f"model.init_text_from={folder}",
+        "model.text.context_length=16", "model.vision.width=32", "model.vision.heads=2"]))
+    shards = sorted(str(p) for p in (ft_world / "train").glob("*.tar"))
+    model = build_recipe(cfg, load_tokenizer(folder), shards, world_size=1).build_model()
+    assert "loaded BERT's MLM head" in capsys.readouterr().out
+    _assert_bert_mlm_head(model.mlm_head, bert)
+
+
+def test_combined_starts_its_mlm_head_from_bert(bert_mlm, capsys):
+    """The combined recipe's MLM head (over the fusion) starts as BERT's when the fusion has
+    BERT's width; otherwise it starts fresh and the log says why."""
+    bert, folder = bert_mlm
+    tok = load_tokenizer(folder)
+
+    def build(width: int):
+        cfg, _ = resolve_tower_inits(_text_cfg(folder, "recipe=combined",
+                                               f"model.fusion.width={width}",
+                                               "model.fusion.heads=2", "model.fusion.layers=1"))
+        return CombinedRecipe(cfg, tok, 1).build_model()
+
+    model = build(64)
+    assert "loaded BERT's MLM head" in capsys.readouterr().out
+    _assert_bert_mlm_head(model.mlm_head, bert)
+    narrow = build(32)  # a 32-wide fusion: BERT's 64 -> 64 transform does not fit
+    assert "does not fit (mlm_head.dense.weight (64, 32) vs (64, 64)" in capsys.readouterr().out
+    assert narrow.mlm_head.dense.weight.shape == (64, 32)
+    assert torch.equal(narrow.mlm_head.bias, torch.zeros(len(VOCAB)))  # fresh

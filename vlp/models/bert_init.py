@@ -24,6 +24,7 @@ import math
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vlp.config import ConfigError
 from vlp.data.jsonfiles import read_config_json, typed_fields
@@ -238,3 +239,38 @@ def text_encoder_from_bert(folder: str | Path) -> tuple[BertEmbed, Transformer]:
     embed, transformer = bert_modules(read_bert_config(folder))
     load_bert_weights(embed, transformer, folder)
     return embed, transformer
+
+
+# BERT's MLM head (cls.predictions.*) -> an MLMHead's (vlp/models/single_stream.py) parameters;
+# the decoder is the word embeddings (tied), loaded with the embeddings
+_MLM_HEAD_PAIRS = (("dense.weight", "transform.dense.weight"),
+                   ("dense.bias", "transform.dense.bias"),
+                   ("norm.weight", "transform.LayerNorm.weight"),
+                   ("norm.bias", "transform.LayerNorm.bias"), ("bias", "bias"))
+
+
+def load_bert_mlm_head(head: nn.Module, mlm: dict[str, torch.Tensor], source: str) -> str:
+    """Copy BERT's MLM head (`mlm`: load_bert_weights' "mlm_head") into `head` (an MLMHead),
+    in place; one line for the log. Nothing is copied, and the line says why, when the
+    checkpoint has no MLM head (a BertModel) or the head's input width is not BERT's (a fusion
+    of another width in front of it)."""
+    if not all(theirs in mlm for _, theirs in _MLM_HEAD_PAIRS):
+        return f"{source} has no MLM head (cls.predictions): the MLM head starts fresh"
+    ours = dict(head.named_parameters())
+    misfit = next((f"{k} {tuple(ours[k].shape)} vs {tuple(mlm[t].shape)}"
+                   for k, t in _MLM_HEAD_PAIRS if ours[k].shape != mlm[t].shape), None)
+    if misfit:
+        return (f"{source}'s MLM head does not fit (mlm_head.{misfit}: the fusion width is not "
+                "BERT's): the MLM head starts fresh")
+    with torch.no_grad():
+        for k, theirs in _MLM_HEAD_PAIRS:
+            ours[k].copy_(mlm[theirs])
+    return f"loaded BERT's MLM head (transform and output bias) from {source}"
+
+
+def read_bert_mlm_head(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The MLM head's tensors of the BERT checkpoint in `folder`, "cls.predictions." removed
+    ({} without one), as load_bert_weights reports them."""
+    return {k[len(_MLM_PREFIX):]: v for k, v in read_bert_state_dict(folder).items()
+            if k.startswith(_MLM_PREFIX)}
+

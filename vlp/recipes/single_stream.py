@@ -22,11 +22,13 @@ from vlp.config import ConfigError, PretrainConfig, to_dict
 from vlp.data.pipeline import region_feature_dim
 from vlp.engine.task import Task
 from vlp.eval.single_stream import evaluate_single_stream, format_table
-from vlp.models.bert_init import load_bert_weights, mlp_ratio_for, read_bert_config
+from vlp.models.bert_init import (load_bert_mlm_head, load_bert_weights, mlp_ratio_for,
+                                  read_bert_config)
 from vlp.models.single_stream import SingleStream
 from vlp.objectives import classification_loss
 from vlp.objectives.masking import IGNORE, continuation_table, mask_regions, mask_tokens, \
     mismatch_pairs, special_token_ids
+from vlp.recipes.dual_tower import log_lines
 from vlp.recipes.init_from import load_start, start_transform
 from vlp.tokenizer import Tokenizer
 
@@ -132,13 +134,8 @@ class SingleStreamRecipe(Task):
             report = load_bert_weights(model.text_embed, model.transformer,
                                        self.cfg.model.init_text_from)
             if hasattr(model, "mlm_head") and report["mlm_head"]:
-                head = report["mlm_head"]
-                with torch.no_grad():
-                    model.mlm_head.dense.weight.copy_(head["transform.dense.weight"])
-                    model.mlm_head.dense.bias.copy_(head["transform.dense.bias"])
-                    model.mlm_head.norm.weight.copy_(head["transform.LayerNorm.weight"])
-                    model.mlm_head.norm.bias.copy_(head["transform.LayerNorm.bias"])
-                    model.mlm_head.bias.copy_(head["bias"])
+                log_lines([load_bert_mlm_head(model.mlm_head, report["mlm_head"],
+                                              self.cfg.model.init_text_from)])
         if pretrained:
             load_start(model, self.cfg)
         return model
