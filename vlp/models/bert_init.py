@@ -266,11 +266,3 @@ def load_bert_mlm_head(head: nn.Module, mlm: dict[str, torch.Tensor], source: st
         for k, theirs in _MLM_HEAD_PAIRS:
             ours[k].copy_(mlm[theirs])
     return f"loaded BERT's MLM head (transform and output bias) from {source}"
-
-
-def read_bert_mlm_head(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The MLM head's tensors of the BERT checkpoint in `folder`, "cls.predictions." removed
-    ({} without one), as load_bert_weights reports them."""
-    return {k[len(_MLM_PREFIX):]: v for k, v in read_bert_state_dict(folder).items()
-            if k.startswith(_MLM_PREFIX)}
-

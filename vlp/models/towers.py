@@ -25,7 +25,7 @@ from torch import nn
 from vlp import modeldir
 from vlp.config import EncoderConfig, ModelConfig, TextConfig, VisionConfig, to_dict
 from vlp.data.transforms import ImageTransform
-from vlp.models.bert_init import load_bert_weights
+from vlp.models.bert_init import load_bert_mlm_head, load_bert_weights
 from vlp.models.embed import BertEmbed, PatchEmbed, TextEmbed, resample_pos_embed
 from vlp.models.encoder import Transformer, build_attention_mask, set_drop_path
 from vlp.models.swin import SwinFeatures, build_swin
@@ -294,10 +294,11 @@ def init_text_tower(tower: TextTower, folder: str | Path) -> dict:
     return load_bert_weights(tower.embed, tower.transformer, folder)
 
 
-def init_towers(model: "DualTower") -> list[str]:
+def init_towers(model: "DualTower", mlm_head: nn.Module | None = None) -> list[str]:
     """Load each tower's `init_from` (model.vision.init_from: a vision-tower, dual-tower or
-    combined directory; model.text.init_from: a BERT folder) into `model`, in place. Returns
-    one line per tower loaded, for the log."""
+    combined directory; model.text.init_from: a BERT folder) into `model`, in place, and
+    BERT's MLM head into `mlm_head` (the combined model's) when given. Returns one line per
+    part loaded (or not), for the log."""
     if model.cfg.init_from:
         # model.init_from loads every weight; the towers' init_from in a directory's config is
         # the history of how that model started, not read again
@@ -312,6 +313,8 @@ def init_towers(model: "DualTower") -> list[str]:
         report = init_text_tower(model.text, text.init_from)
         done.append(f"model.text.init_from: loaded {report['loaded']} BERT tensors from "
                     f"{text.init_from}")
+        if mlm_head is not None:
+            done.append(load_bert_mlm_head(mlm_head, report["mlm_head"], text.init_from))
     return done
 
 

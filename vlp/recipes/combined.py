@@ -21,7 +21,6 @@ from vlp.data.pipeline import make_loader
 from vlp.engine.task import Task
 from vlp.eval.retrieval import evaluate_retrieval, format_table
 from vlp.eval.single_stream import Accuracy, attribute_token_ids
-from vlp.models.bert_init import load_bert_mlm_head, read_bert_mlm_head
 from vlp.models.combined import Combined
 from vlp.models.pretrained import Pretrained
 from vlp.models.towers import init_towers
@@ -57,11 +56,7 @@ class CombinedRecipe(Task):
     def build_model(self, pretrained: bool = True) -> Combined:
         model = Combined(self.cfg.model, self.tokenizer.vocab_size)
         if pretrained:  # the towers' init_from, as the dual-tower recipe's
-            log_lines(init_towers(model.towers))
-            text_from = self.cfg.model.text.init_from
-            if text_from and not self.cfg.model.init_from:  # BERT's MLM head for the MLM one
-                log_lines([load_bert_mlm_head(model.mlm_head, read_bert_mlm_head(text_from),
-                                              text_from)])
+            log_lines(init_towers(model.towers, mlm_head=model.mlm_head))
             load_start(model, self.cfg)
         return model
 

@@ -452,6 +452,12 @@ class VQAModel:
         self.max_answer_length = config.get("max_answer_length", 8)
         self.beam_size = config.get("beam_size", 1)
         self.reader = reader_for(self.model.backbone, transform, None)
+        if self.head == "rank":  # the answers the tokenizer can write, in their spellings: once
+            texts = {a: writable_spelling(self.tokenizer, normalize_answer(a),
+                                          self.max_answer_length) for a in self.answers}
+            self.rank_answers = [a for a in self.answers if texts[a]]
+            self.rank_ids, self.rank_mask = (t.to(self.device) for t in answer_tokens(
+                self.tokenizer, [texts[a] for a in self.rank_answers], self.max_answer_length))
 
     @torch.no_grad()
     def answer(self, image, question: str, *, regions: str | Path | None = None,
@@ -479,13 +485,10 @@ class VQAModel:
             logp = rank_scores(self.model, visual, ids, mask, a_ids, a_mask)[0, 0]
             return [(text, float(logp.exp()))]
         answers = self.answers
-        if self.head == "rank":  # the answers the tokenizer can write, in their spellings
-            texts = {a: writable_spelling(self.tokenizer, normalize_answer(a),
-                                          self.max_answer_length) for a in self.answers}
-            answers = [a for a in self.answers if texts[a]]
-            a_ids, a_mask = (t.to(self.device) for t in answer_tokens(
-                self.tokenizer, [texts[a] for a in answers], self.max_answer_length))
-            probs = rank_scores(self.model, visual, ids, mask, a_ids, a_mask)[0].softmax(0)
+        if self.head == "rank":
+            answers = self.rank_answers
+            probs = rank_scores(self.model, visual, ids, mask, self.rank_ids,
+                                self.rank_mask)[0].softmax(0)
         else:
             logits = self.model(input_ids=ids, attention_mask=mask, visual=visual)["logits"][0]
             probs = logits.float().sigmoid()
